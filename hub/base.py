@@ -151,6 +151,7 @@ def _convert_gguf(gguf_path: Path, folder: Path, hub_id: str) -> None:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / BASE_RECORD).write_text(json.dumps({"hub_id": hub_id, "source": gguf_path.name}, indent=2))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared with servers and other users
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -28,6 +28,10 @@ app.add_typer(base_app, name="base")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(registry_app, name="registry")
 
+from hub.cli_hub import add_hub_commands  # noqa: E402
+
+add_hub_commands(app)
+
 
 def _registry(ctx: click.Context):
     from hub.registry import Registry
@@ -72,15 +76,17 @@ def plugins_list():
 
 
 @plugins_app.command("install")
-def plugins_install(spec: str = typer.Argument(..., help="A package name, requirement, wheel or source folder.")):
+def plugins_install(
+    spec: list[str] = typer.Argument(..., help="A package name, requirement, wheel or folder; pip options may follow '--'."),
+):
     """pip-install a plugin into this environment, then confirm its trainers are discovered."""
     before = _discovered_trainers()
-    if subprocess.call([sys.executable, "-m", "pip", "install", spec]) != 0:
-        raise LoraflowError(f"pip could not install {spec!r}; see pip's message above.")
+    if subprocess.call([sys.executable, "-m", "pip", "install", *spec]) != 0:
+        raise LoraflowError(f"pip could not install {' '.join(spec)}; see pip's message above.")
     added = sorted(set(_discovered_trainers()) - set(before))
     if not added:
         raise LoraflowError(
-            f"{spec} installed, but it registers no new trainer. A plugin declares an entry point in the "
+            f"{' '.join(spec)} installed, but it registers no new trainer. A plugin declares an entry point in the "
             "[project.entry-points.loraflow] table of its pyproject.toml."
         )
     console.print(f"[green]new trainers:[/] {', '.join(added)}")
@@ -213,12 +219,18 @@ def _train_command(info) -> click.Command:
     return click.Command(info.name, params=params, callback=callback, help=f"{info.description}\n\nFrom {info.source.package} {info.source.version}.")
 
 
-def main() -> None:
-    command = typer.main.get_command(app)
-    command.add_command(TrainGroup(name="train", help="Train an adapter with an installed trainer and publish it.", no_args_is_help=True))
+def build_cli():
+    """The root command: our Typer app, the per-trainer `train` group, and commands that plugins register."""
     from hub.plugins import get_plugins
 
+    command = typer.main.get_command(app)
+    command.add_command(TrainGroup(name="train", help="Train an adapter with an installed trainer and publish it.", no_args_is_help=True))
     get_plugins().manager.hook.register_commands(cli=command)
+    return command
+
+
+def main() -> None:
+    command = build_cli()
     try:
         command.main(prog_name="loraflow", standalone_mode=False)
     except click.exceptions.Exit as exit_:

@@ -134,7 +134,7 @@ def check_lengths(records: list[dict], path: str | Path, tokenizer, max_length: 
     problems = []
     for record in records:
         if data_format == "messages":
-            length = len(tokenizer.apply_chat_template(record["messages"], tokenize=True))
+            length = len(tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"])
         else:
             length = len(tokenizer(record["prompt"] + record["chosen"])["input_ids"])
             length = max(length, len(tokenizer(record["prompt"] + record["rejected"])["input_ids"]))

@@ -1,0 +1,131 @@
+"""The plugin spine: built-in and third-party trainers are discovered, broken plugins are reported, hooks are covered."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hub import hookspecs
+from hub.plugins import get_plugins
+from tests.conftest import FIXTURES, PIRATE, REPO, run_loraflow
+
+BUILT_IN = {"lora"}
+
+
+def pip_install_target(package: Path, target: Path) -> Path:
+    """Install a plugin package into its own folder, leaving the project's venv untouched."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)],
+        check=True,
+        capture_output=True,
+    )
+    return target
+
+
+@pytest.fixture(scope="module")
+def identity_plugin(tmp_path_factory) -> Path:
+    return pip_install_target(FIXTURES / "loraflow-identity", tmp_path_factory.mktemp("identity-plugin"))
+
+
+@pytest.fixture(scope="module")
+def broken_plugin(tmp_path_factory) -> Path:
+    return pip_install_target(FIXTURES / "loraflow-broken", tmp_path_factory.mktemp("broken-plugin"))
+
+
+def test_built_in_trainers_come_from_our_entry_points():
+    plugins = get_plugins()
+    assert BUILT_IN <= set(plugins.trainers)
+    for name in BUILT_IN:
+        info = plugins.trainers[name]
+        assert info.source.package == "loraflow"
+        assert info.description
+    assert plugins.failures == []
+
+
+def test_plugins_are_loaded_once():
+    assert get_plugins() is get_plugins()
+
+
+def test_third_party_plugin_is_listed_and_trains(identity_plugin, tiny_base, tmp_path):
+    env = {"PYTHONPATH": f"{identity_plugin}:{REPO}"}
+    listing = run_loraflow("plugins", "list", env=env).stdout
+    assert "identity" in listing and "loraflow-identity" in listing and "0.3.0" in listing
+    registry = tmp_path / "registry.json"
+    run_loraflow(
+        "--registry", str(registry), "train", "identity",
+        "--data", str(PIRATE / "train.jsonl"), "--name", "baseline", "--base", str(tiny_base.path), "--lora-r", "2",
+        env=env,
+    )
+    shown = run_loraflow("--registry", str(registry), "registry", "show", "baseline@1", env=env).stdout
+    assert '"name": "identity"' in shown and '"package": "loraflow-identity"' in shown and '"r": 2' in shown
+
+
+def test_allowlist_limits_external_plugins(identity_plugin):
+    env = {"PYTHONPATH": f"{identity_plugin}:{REPO}", "LORAFLOW_PLUGINS": "some-other-plugin"}
+    listing = run_loraflow("plugins", "list", env=env).stdout
+    assert "identity" not in listing
+    assert "lora" in listing  # built-ins always load
+    allowed = run_loraflow("plugins", "list", env={**env, "LORAFLOW_PLUGINS": "loraflow-identity"}).stdout
+    assert "identity" in allowed
+
+
+def test_broken_plugin_is_reported_and_others_still_work(broken_plugin):
+    result = run_loraflow("plugins", "list", env={"PYTHONPATH": f"{broken_plugin}:{REPO}"})
+    assert "lora" in result.stdout
+    assert "broken" in result.stderr and "loraflow-broken" in result.stderr
+    assert "a_module_that_does_not_exist" in result.stderr
+
+
+def test_plugins_install_discovers_new_trainer(tmp_path):
+    """`loraflow plugins install` in a throwaway venv that sees our packages, so the project venv stays untouched."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    Path(venv_site, "project-venv.pth").write_text(f"{site}\n{REPO}\n")
+    result = subprocess.run(
+        [str(python), "-m", "hub.cli", "plugins", "install", "--", "--no-deps", "--no-build-isolation", str(FIXTURES / "loraflow-identity")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "new trainers: identity" in result.stdout
+    assert not list(Path(site).glob("loraflow_identity*"))
+
+
+def _hook_names() -> list[str]:
+    return [name for name, value in inspect.getmembers(hookspecs) if getattr(value, "loraflow_spec", None)]
+
+
+def test_every_hook_is_documented():
+    for name in _hook_names():
+        doc = getattr(hookspecs, name).__doc__ or ""
+        assert "Receives" in doc and "Returns" in doc, f"hook {name} must say what it receives and returns"
+
+
+def test_every_hook_has_a_test():
+    tests = "".join(path.read_text() for path in (REPO / "tests").rglob("test_*.py"))
+    for name in _hook_names():
+        assert f"hook_{name}" in tests or f"test_{name}" in tests, f"no test mentions hook {name}"
+
+
+def test_register_trainers():
+    assert "lora" in get_plugins().trainers
+
+
+def test_register_commands():
+    help_text = run_loraflow("--help").stdout
+    for command in ("train", "registry", "plugins", "base"):
+        assert command in help_text
+
+
+def test_readme_shows_the_fixture_plugin_verbatim():
+    readme = (REPO / "README.md").read_text()
+    module = (FIXTURES / "loraflow-identity" / "loraflow_identity.py").read_text()
+    assert module in readme
+    assert '[project.entry-points.loraflow]\nidentity = "loraflow_identity"' in readme
+    assert len(module.splitlines()) + 2 < 30
