@@ -1,0 +1,99 @@
+"""`loraflow push`, `loraflow pull` and `loraflow hub serve`: the registry and Hugging Face Hub endpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+errors = Console(stderr=True)
+
+hub_app = typer.Typer(
+    help="Serve the registry over the Hugging Face Hub HTTP API, so other machines share it.", no_args_is_help=True
+)
+
+
+def _registry(ctx: typer.Context):
+    from hub.registry import Registry
+
+    return Registry((ctx.find_root().obj or {}).get("registry"))
+
+
+def push(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="NAME, NAME@V or NAME@ALIAS. An alias (or plain NAME) also moves the repo's main."),
+    to_hub: str = typer.Option(..., "--to-hub", help="The Hub repo, ORG/REPO. The endpoint is HF_ENDPOINT (default huggingface.co)."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility if the repo is created now."),
+):
+    """Upload a registry version with its model card to a Hugging Face Hub repo, on branch vN.
+
+    To a `loraflow hub serve` endpoint the push becomes that server's next version (and moves the pushed alias).
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed.
+    """
+    from hub.hf import push_to_hub
+
+    result = push_to_hub(_registry(ctx), ref, to_hub, private=private)
+    for revision, commit in result.revisions.items():
+        console.print(f"[green]pushed[/] {ref} → {to_hub}@{revision} (commit {commit[:12]})")
+    console.print(f"  {result.repo_url}")
+
+
+def pull(
+    ctx: typer.Context,
+    source: str = typer.Argument(..., help="ORG/REPO or ORG/REPO@REVISION (branch, tag or commit)."),
+    name: str = typer.Option(..., "--name", help="Registry name; the adapter becomes NAME@N."),
+    base: str = typer.Option("smollm2-135m", "--base", help="The base model the adapter must fit."),
+):
+    """Download an adapter from a Hugging Face Hub repo and publish it into the registry.
+
+    It gets the checks of a local publish: safetensors only, fits the base, sha256 of every file.
+    """
+    from hub.base import resolve_base
+    from hub.hf import pull_from_hub
+
+    version = pull_from_hub(_registry(ctx), source, name, base=resolve_base(base))
+    console.print(f"[green]pulled[/] {source} → {version.ref}")
+
+
+@hub_app.command("serve")
+def serve(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 for other machines."),
+    port: int = typer.Option(8800, "--port", help="TCP port."),
+    base: str = typer.Option("smollm2-135m", "--base", help="The base model uploads must fit."),
+    tokens: Optional[Path] = typer.Option(
+        None, "--tokens", help="File of tokens, one per line: 'TOKEN' (write) or 'TOKEN read'. LORAFLOW_HUB_TOKEN adds a write token."
+    ),
+    private: bool = typer.Option(False, "--private", help="Reads need a token too (by default anyone may read)."),
+    inline_limit_mb: float = typer.Option(
+        5.0, "--inline-limit-mb", help="Bigger files upload through Git LFS; those clients need HF_HUB_DISABLE_XET=1."
+    ),
+):
+    """Serve the registry as Hub repos loraflow/NAME (revisions main, vN, aliases) for huggingface_hub clients.
+
+    Clients set HF_ENDPOINT=http://HOST:PORT, then snapshot_download, PeftModel.from_pretrained("loraflow/NAME")
+    and HfApi.upload_folder work unchanged. Writes need a token (HF_TOKEN on the client).
+    """
+    from hub.base import resolve_base
+    from hub.hub_server import NAMESPACE, HubAccess
+    from hub.hub_server import serve as run_server
+
+    registry = _registry(ctx)
+    access = HubAccess.load(tokens, private)
+    resolved = resolve_base(base)
+    writes = f"{len(access.write_tokens)} write token(s)" if access.write_tokens else "read-only: no write token configured"
+    errors.print(
+        f"[bold]loraflow hub[/] serving {registry.path} as {NAMESPACE}/NAME for base {resolved.name}\n"
+        f"  HF_ENDPOINT=http://{host}:{port}   reads: {'token' if private else 'public'}   writes: {writes}"
+    )
+    run_server(registry, resolved, access, host, port, inline_max_bytes=int(inline_limit_mb * 1024 * 1024))
+
+
+def add_hub_commands(app: typer.Typer) -> None:
+    """Mount push, pull and the hub group on the loraflow app."""
+    app.command("push")(push)
+    app.command("pull")(pull)
+    app.add_typer(hub_app, name="hub")

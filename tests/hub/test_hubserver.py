@@ -1,0 +1,357 @@
+"""`loraflow hub serve` driven over HTTP by the real huggingface_hub client, PEFT, vLLM's Hub LoRA resolver
+and the loraflow CLI (`push`, `pull`).
+
+The server runs as the real `loraflow hub serve` command on 127.0.0.1. Its inline limit is set low, so the
+adapter weights go through the Git LFS batch API while the small files go inline in the commit: both upload
+paths are exercised.
+
+What these tests do not cover of huggingface.co's behaviour:
+- the Xet storage protocol (the server answers Xet requests with 501; clients set HF_HUB_DISABLE_XET=1 for
+  files above the inline limit) and multipart LFS transfers;
+- git access (clone, push), pull requests, discussions, gated repos, organisations and user accounts,
+  repo settings, deletion of repos, dataset and Space repos, commit history (list_repo_commits);
+- a running vLLM engine: the resolver class is driven directly here (a served replica is the serving tests' job);
+- redirects of LFS downloads to a CDN, and the real Hub's rate limits and error texts beyond the headers
+  huggingface_hub parses (X-Error-Code, X-Error-Message).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hub.adapters import sha256_file
+from hub.registry import Registry
+from tests.conftest import REPO, make_adapter, run_loraflow
+
+WRITE_TOKEN = "hf_loraflow_test_write_token"
+READ_TOKEN = "hf_loraflow_test_read_token"
+INLINE_LIMIT_MB = "0.004"  # about 4 KB: the tiny adapter's weights go through LFS, its JSON inline
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class HubServer:
+    """A `loraflow hub serve` subprocess with its registry, endpoint and log."""
+
+    def __init__(self, root: Path, base_path: Path, *extra: str):
+        self.root = root
+        self.registry = Registry(root / "registry.json")
+        self.endpoint = f"http://127.0.0.1:{_free_port()}"
+        tokens = root / "tokens.txt"
+        tokens.write_text(f"{WRITE_TOKEN}\n{READ_TOKEN} read\n")
+        self.log = open(root / "server.log", "w")
+        port = self.endpoint.rsplit(":", 1)[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hub.cli", "--registry", str(self.registry.path), "hub", "serve", "--port", port,
+             "--base", str(base_path), "--tokens", str(tokens), "--inline-limit-mb", INLINE_LIMIT_MB, *extra],
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "LORAFLOW_HUB_TOKEN": ""},
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"hub serve exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                if httpx.get(f"{self.endpoint}/api/loraflow/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"hub serve did not answer within {timeout_s}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return (self.root / "server.log").read_text()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def hub_server(tiny_base, tmp_path_factory):
+    server = HubServer(tmp_path_factory.mktemp("hub-server"), tiny_base.path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api(hub_server, monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import HfApi
+
+    # The server speaks the classic LFS API, not Xet; this is what HF_HUB_DISABLE_XET=1 sets at import time.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    return HfApi(endpoint=hub_server.endpoint, token=WRITE_TOKEN)
+
+
+def _client_env(hub_server, token: str | None = WRITE_TOKEN) -> dict:
+    """What a user sets: the endpoint and the token. `loraflow push` turns Xet off itself for a loraflow hub."""
+    return {"HF_ENDPOINT": hub_server.endpoint, "HF_TOKEN": token or "", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def _http_status(error) -> int:
+    return error.value.response.status_code
+
+
+def test_upload_folder_then_info_listing_and_snapshot_download(hub_server, api, tiny_adapter, tmp_path):
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo = api.create_repo("loraflow/parrot")
+    assert repo.endswith("/loraflow/parrot")
+    commit = api.upload_folder(repo_id="loraflow/parrot", folder_path=tiny_adapter, commit_message="first")
+    version = hub_server.registry.get("parrot@1")
+    assert version.provenance["source"] == "hub-upload"
+    assert version.files["adapter_model.safetensors"] == sha256_file(tiny_adapter / "adapter_model.safetensors")
+
+    info = api.model_info("loraflow/parrot", files_metadata=True)
+    assert info.sha == commit.oid
+    siblings = {s.rfilename: s for s in info.siblings}
+    assert set(siblings) == set(version.files)
+    assert siblings["adapter_model.safetensors"].lfs.sha256 == version.files["adapter_model.safetensors"]
+    assert siblings["adapter_config.json"].lfs is None
+    assert sorted(api.list_repo_files("loraflow/parrot")) == sorted(version.files)
+
+    download = Path(snapshot_download("loraflow/parrot", endpoint=hub_server.endpoint, cache_dir=tmp_path / "cache", token=False))
+    for relative in version.files:
+        assert (download / relative).read_bytes() == (tiny_adapter / relative).read_bytes()
+
+    # A commit to main holds only what changed; the new version keeps the rest, and v1 stays as it was.
+    api.upload_file(path_or_fileobj=b"# parrot\n", path_in_repo="README.md", repo_id="loraflow/parrot")
+    second = hub_server.registry.get("parrot@latest")
+    assert second.version == 2 and set(second.files) == set(version.files) | {"README.md"}
+    assert api.model_info("loraflow/parrot", revision="v1").sha == commit.oid
+    readme = hf_hub_download("loraflow/parrot", "README.md", revision="main", endpoint=hub_server.endpoint, cache_dir=tmp_path / "cache")
+    assert Path(readme).read_text() == "# parrot\n"
+    refs = api.list_repo_refs("loraflow/parrot")
+    assert {ref.name for ref in refs.branches} >= {"main", "v1", "v2"}
+
+
+def test_a_default_client_needs_no_xet_setting_below_the_inline_limit(hub_server, tiny_adapter, monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    client = HfApi(endpoint=hub_server.endpoint, token=WRITE_TOKEN)
+    with monkeypatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        client.upload_folder(repo_id="loraflow/plain", folder_path=tiny_adapter)
+    assert is_xet_available()
+    client.upload_file(path_or_fileobj=b"# plain\n", path_in_repo="NOTES.md", repo_id="loraflow/plain")
+    assert {"NOTES.md", "adapter_model.safetensors"} <= set(hub_server.registry.get("plain@2").files)
+    with pytest.raises(Exception) as refused:
+        client.upload_file(path_or_fileobj=b"x" * 10_000, path_in_repo="big.txt", repo_id="loraflow/plain")
+    assert "xet-write-token" in str(refused.value) and "501" in str(refused.value)
+    assert hub_server.registry.get("plain@latest").version == 2
+
+
+def test_download_headers_and_range(hub_server, api, tiny_adapter):
+    api.upload_folder(repo_id="loraflow/headers", folder_path=tiny_adapter)
+    version = hub_server.registry.get("headers@1")
+    url = f"{hub_server.endpoint}/loraflow/headers/resolve/main/adapter_model.safetensors"
+    head = httpx.head(url)
+    assert head.status_code == 200
+    assert head.headers["etag"] == f'"{version.files["adapter_model.safetensors"]}"'
+    assert head.headers["x-repo-commit"] == api.model_info("loraflow/headers").sha
+    size = (tiny_adapter / "adapter_model.safetensors").stat().st_size
+    assert int(head.headers["content-length"]) == size
+    part = httpx.get(url, headers={"Range": "bytes=8-15"})
+    assert part.status_code == 206
+    assert part.content == (tiny_adapter / "adapter_model.safetensors").read_bytes()[8:16]
+    missing = httpx.get(f"{hub_server.endpoint}/loraflow/headers/resolve/main/nope.json")
+    assert missing.status_code == 404 and missing.headers["x-error-code"] == "EntryNotFound"
+
+
+def test_writes_need_a_write_token(hub_server, api, tiny_adapter):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for token, status in ((False, 401), ("hf_not_a_real_token", 401), (READ_TOKEN, 403)):
+        client = HfApi(endpoint=hub_server.endpoint, token=token)
+        with pytest.raises(HfHubHTTPError) as refused:
+            client.create_repo("loraflow/locked")
+        assert _http_status(refused) == status
+        with pytest.raises(HfHubHTTPError) as refused:
+            client.upload_folder(repo_id="loraflow/locked", folder_path=tiny_adapter)
+        assert _http_status(refused) == status
+    assert "locked" not in hub_server.registry.names()
+    # Reads are public on this server: no token needed.
+    api.upload_folder(repo_id="loraflow/locked", folder_path=tiny_adapter)
+    assert HfApi(endpoint=hub_server.endpoint, token=False).model_info("loraflow/locked").sha
+    # A huggingface.co token that a client sends along does not block public reads.
+    assert HfApi(endpoint=hub_server.endpoint, token="hf_someone_elses_token").model_info("loraflow/locked").sha
+
+
+def test_uploads_are_checked_like_local_publishes(hub_server, api, tiny_adapter, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_adapter, pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"not really a pickle, but named like one")
+    with pytest.raises(HfHubHTTPError) as refused:
+        api.upload_folder(repo_id="loraflow/pickled", folder_path=pickled)
+    assert _http_status(refused) == 422
+    assert "pickle weights are refused" in refused.value.server_message
+    assert "pickled" not in hub_server.registry.names()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_adapter, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(HfHubHTTPError) as refused:
+        api.upload_folder(repo_id="loraflow/broken", folder_path=broken)
+    assert "not a readable safetensors file" in refused.value.server_message
+
+    api.upload_folder(repo_id="loraflow/immutable", folder_path=tiny_adapter)
+    with pytest.raises(HfHubHTTPError) as refused:
+        api.upload_file(path_or_fileobj=b"{}", path_in_repo="extra.json", repo_id="loraflow/immutable", revision="v1")
+    assert _http_status(refused) == 409 and "immutable" in refused.value.server_message
+    with pytest.raises(HfHubHTTPError) as refused:
+        api.upload_folder(repo_id="elsewhere/immutable", folder_path=tiny_adapter)
+    assert _http_status(refused) == 404
+
+
+def test_peft_vllm_resolver_and_pull_to_cache_through_hf_endpoint(hub_server, api, tiny_base, tiny_adapter, tmp_path):
+    api.upload_folder(repo_id="loraflow/peft-tiny", folder_path=tiny_adapter)
+    script = f"""
+import json, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from hub.hf import pull_to_cache
+
+ids = torch.tensor([[1, 2, 3, 4]])
+def logits(adapter):
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tiny_base.path)!r}), adapter)
+    return model(ids).logits[0, -1, :5].tolist()
+cached = pull_to_cache({hub_server.endpoint!r}, "peft-tiny", "v1", cache_dir={str(tmp_path / "cache")!r})
+
+import asyncio
+from vllm.plugins.lora_resolvers.hf_hub_resolver import HfHubResolver
+request = asyncio.run(HfHubResolver(["loraflow/peft-tiny"]).resolve_lora({str(tiny_base.path)!r}, "loraflow/peft-tiny"))
+print(json.dumps({{"hub": logits("loraflow/peft-tiny"), "local": logits({str(tiny_adapter)!r}), "cached": str(cached), "vllm": request.lora_path}}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, **_client_env(hub_server, token=None), "HF_HUB_CACHE": str(tmp_path / "hf")},
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["hub"] == answer["local"]
+    for folder in (answer["cached"], answer["vllm"]):
+        assert (Path(folder) / "adapter_model.safetensors").read_bytes() == (tiny_adapter / "adapter_model.safetensors").read_bytes()
+
+
+def test_loraflow_push_and_pull_against_the_server(hub_server, tiny_base, tmp_path):
+    from huggingface_hub import HfApi
+
+    local = tmp_path / "local" / "registry.json"
+    registry = Registry(local)
+    first = registry.publish(make_adapter(tiny_base, tmp_path / "a1", seed=1), "shanty", base=tiny_base, trainer={"name": "lora"}, metrics={"eval_loss": 1.25})
+    registry.publish(make_adapter(tiny_base, tmp_path / "a2", seed=2), "shanty", base=tiny_base, trainer={"name": "dpo"}, parent="shanty@1")
+    env = _client_env(hub_server)
+
+    pushed = run_loraflow("--registry", str(local), "push", "shanty@1", "--to-hub", "loraflow/shanty", env=env)
+    assert "loraflow/shanty@v1" in pushed.stdout
+    run_loraflow("--registry", str(local), "push", "shanty", "--to-hub", "loraflow/shanty", env=env)
+    info = HfApi(endpoint=hub_server.endpoint, token=False).model_info("loraflow/shanty")
+    assert info.card_data.base_model == tiny_base.hub_id and info.card_data.library_name == "peft"
+    assert "dpo" in info.card_data.tags
+    assert info.loraflow["version"] == 2 and info.loraflow["lineage"] == ["shanty@1", "shanty@2"]
+    assert hub_server.registry.get("shanty@latest").version == 2  # main already held v2: no empty version
+    assert hub_server.registry.get("shanty@1").metrics == {"eval_loss": 1.25}
+    assert hub_server.registry.get("shanty@2").files["adapter_model.safetensors"] == registry.get("shanty@2").files["adapter_model.safetensors"]
+
+    # Pushing an alias names it on the server too; pushing it again with no change makes no version.
+    registry.set_alias("shanty@1", "production")
+    for _ in range(2):
+        run_loraflow("--registry", str(local), "push", "shanty@production", "--to-hub", "loraflow/shanty", env=env)
+    production = hub_server.registry.get("shanty@production")
+    assert production.version == 3 and hub_server.registry.get("shanty@latest").version == 3
+    assert production.files["adapter_model.safetensors"] == first.files["adapter_model.safetensors"]
+
+    refused = run_loraflow("--registry", str(local), "push", "shanty", "--to-hub", "loraflow/shanty", env=_client_env(hub_server, READ_TOKEN), check=False)
+    assert refused.returncode == 2 and "HTTP 403" in refused.stderr and READ_TOKEN not in refused.stderr + refused.stdout
+
+    other = tmp_path / "other" / "registry.json"
+    run_loraflow("--registry", str(other), "pull", "loraflow/shanty@v1", "--name", "shanty-copy", "--base", str(tiny_base.path), env=env)
+    copy = Registry(other).get("shanty-copy@1")
+    assert copy.files["adapter_model.safetensors"] == first.files["adapter_model.safetensors"]
+    assert copy.provenance["commit"] == HfApi(endpoint=hub_server.endpoint).model_info("loraflow/shanty", revision="v1").sha
+    assert copy.trainer["name"] == "lora" and copy.metrics == {"eval_loss": 1.25}
+
+    wrong_base = run_loraflow("--registry", str(other), "pull", "loraflow/shanty", "--name", "misfit", "--base", "smollm2-135m", env=env, check=False)
+    assert wrong_base.returncode == 2 and "another base model" in wrong_base.stderr
+    assert "misfit" not in Registry(other).names()
+
+
+def test_push_in_the_huggingface_co_layout_one_branch_per_version(hub_server, api, tiny_base, tmp_path, monkeypatch):
+    import hub.hf
+
+    registry = Registry(tmp_path / "registry.json")
+    registry.publish(make_adapter(tiny_base, tmp_path / "a1", seed=3), "tune", base=tiny_base)
+    registry.publish(make_adapter(tiny_base, tmp_path / "a2", seed=4), "tune", base=tiny_base, parent="tune@1")
+    registry.set_alias("tune@1", "production")
+    # Push as to huggingface.co (vN branches, main follows the alias), against this server speaking the same API.
+    monkeypatch.setattr(hub.hf, "is_loraflow_hub", lambda endpoint: False)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+
+    first = hub.hf.push_to_hub(registry, "tune@1", "loraflow/tune", endpoint=hub_server.endpoint)
+    assert list(first.revisions) == ["v1"]
+    again = hub.hf.push_to_hub(registry, "tune@production", "loraflow/tune", endpoint=hub_server.endpoint)
+    assert again.revisions == {"v1": first.revisions["v1"], "main": first.revisions["v1"]}
+    latest = hub.hf.push_to_hub(registry, "tune", "loraflow/tune", endpoint=hub_server.endpoint)
+    assert list(latest.revisions) == ["v2", "main"] and latest.revisions["v2"] == latest.revisions["main"]
+    assert api.model_info("loraflow/tune", revision="v1").sha == first.revisions["v1"]
+    assert hub_server.registry.get("tune@2").files["adapter_model.safetensors"] == registry.get("tune@2").files["adapter_model.safetensors"]
+    assert [v.version for v in hub_server.registry.versions("tune")] == [1, 2]
+
+
+def test_token_file_errors_name_the_line(tmp_path):
+    from hub.errors import LoraflowError
+    from hub.hub_server import HubAccess
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("# team tokens\nhf_writer\nhf_reader read\nhf_bad admin\n")
+    with pytest.raises(LoraflowError, match=r"tokens.txt:4: expected"):
+        HubAccess.load(tokens)
+    tokens.write_text("hf_writer\nhf_reader read\n")
+    access = HubAccess.load(tokens)
+    assert (access.role("hf_writer"), access.role("hf_reader"), access.role("hf_other"), access.role(None)) == ("write", "read", "invalid", None)
+
+
+def test_private_server_needs_a_token_to_read(tiny_base, tiny_adapter, tmp_path):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    server = HubServer(tmp_path, tiny_base.path, "--private")
+    try:
+        server.registry.publish(tiny_adapter, "secret", base=tiny_base)
+        with pytest.raises(HfHubHTTPError) as refused:
+            HfApi(endpoint=server.endpoint, token=False).model_info("loraflow/secret")
+        assert _http_status(refused) == 401
+        assert httpx.get(f"{server.endpoint}/loraflow/secret/resolve/main/adapter_config.json").status_code == 401
+        with pytest.raises(HfHubHTTPError) as refused:
+            HfApi(endpoint=server.endpoint, token="hf_someone_elses_token").model_info("loraflow/secret")
+        assert _http_status(refused) == 401
+        assert HfApi(endpoint=server.endpoint, token=READ_TOKEN).model_info("loraflow/secret").loraflow["version"] == 1
+    finally:
+        server.stop()
