@@ -25,6 +25,8 @@ demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
 test: setup
+	# The arena's browser test drives Debian's Chromium through Playwright (Playwright's own browser is not downloaded).
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(PY) -m pytest tests
 
 test-fast: setup

@@ -104,6 +104,8 @@ def lora_input_sizes(folder: Path) -> dict[str, tuple[int, int]]:
     sizes: dict[str, list[int]] = {}
     with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as weights:
         for key in weights.keys():
+            if ".lora_" not in key:  # modules_to_save (a reward head, say) are whole layers, not LoRA factors
+                continue
             shape = weights.get_slice(key).get_shape()
             module = key.split(".lora_")[0]
             entry = sizes.setdefault(module, [0, 0])

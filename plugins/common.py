@@ -15,7 +15,7 @@ def on_gpu() -> bool:
 
 
 def compute_dtype() -> torch.dtype:
-    """bf16 where the GPU supports it; fp32 on the CPU, where bf16 training is slow and imprecise."""
+    """bf16 where the GPU supports it; fp32 weights on the CPU; --bf16 adds mixed precision there."""
     return torch.bfloat16 if on_gpu() and torch.cuda.is_bf16_supported() else torch.float32
 
 
@@ -68,8 +68,9 @@ def trainer_arguments(job: TrainJob) -> dict:
         report_to="none",
         disable_tqdm=True,
         use_cpu=not on_gpu(),
-        bf16=compute_dtype() == torch.bfloat16,
+        bf16=config.bf16 or compute_dtype() == torch.bfloat16,
         dataloader_pin_memory=on_gpu(),
+        gradient_checkpointing=config.gradient_checkpointing,
     )
 
 
@@ -84,6 +85,73 @@ def quiet(trainer):
 def messages_to_prompt_completion(records: list[dict]) -> list[dict]:
     """Split each conversation before its last (assistant) turn, so the loss covers only the answer."""
     return [{"prompt": record["messages"][:-1], "completion": record["messages"][-1:]} for record in records]
+
+
+def preference_to_conversation(records: list[dict]) -> list[dict]:
+    """Prompt/chosen/rejected strings as chat turns, so TRL applies the base's chat template to them."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": record["prompt"]}],
+            "chosen": [{"role": "assistant", "content": record["chosen"]}],
+            "rejected": [{"role": "assistant", "content": record["rejected"]}],
+        }
+        for record in records
+    ]
+
+
+def sft_trainer(job: TrainJob, model, tokenizer, peft_config=None, **overrides):
+    """TRL's SFTTrainer on the job's messages, loss on the answers only; lora, qlora and sft all use it."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    arguments = {**trainer_arguments(job), "max_length": job.config.max_length, "completion_only_loss": True, **overrides}
+    eval_dataset = Dataset.from_list(messages_to_prompt_completion(job.eval_records)) if job.eval_records else None
+    return quiet(SFTTrainer(
+        model=model,
+        args=SFTConfig(**arguments),
+        train_dataset=Dataset.from_list(messages_to_prompt_completion(job.train_records)),
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=job.callbacks,
+    ))
+
+
+def load_parent_adapter(job: TrainJob, model, is_trainable: bool = True):
+    """Wrap `model` in the parent version's adapter, to continue training it."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(job.parent_dir), is_trainable=is_trainable)
+
+
+def save_adapter(model, job: TrainJob, folder: str = "adapter") -> Path:
+    """Save only the trained ("default") adapter; TRL may have added a frozen "ref" copy beside it."""
+    adapter_dir = job.output_dir / folder
+    model.save_pretrained(adapter_dir, selected_adapters=["default"])
+    return finish_adapter(adapter_dir, job)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+    """Greedy answers to single-turn user prompts through the chat template, decoded without the prompt."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last prompt token
+    answers = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [
+                tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+                for prompt in prompts[start : start + batch_size]
+            ]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            output = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
 
 
 def finish_adapter(adapter_dir: Path, job: TrainJob) -> Path:

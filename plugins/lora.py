@@ -8,13 +8,12 @@ from hub.hookspecs import hookimpl
 from hub.training import TrainJob, TrainResult, TrainingConfig
 from plugins.common import (
     final_metrics,
-    finish_adapter,
     load_causal_lm,
+    load_parent_adapter,
     load_tokenizer,
     lora_config,
-    messages_to_prompt_completion,
-    quiet,
-    trainer_arguments,
+    save_adapter,
+    sft_trainer,
 )
 
 
@@ -29,26 +28,20 @@ class LoraTrainer:
     config_class = LoraTrainingConfig
     data_format = "messages"
 
-    def train(self, job: TrainJob) -> TrainResult:
-        from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+    def load_model(self, job: TrainJob):
+        return load_causal_lm(job)
 
-        tokenizer = load_tokenizer(job)
-        eval_dataset = Dataset.from_list(messages_to_prompt_completion(job.eval_records)) if job.eval_records else None
-        trainer = quiet(SFTTrainer(
-            model=load_causal_lm(job),
-            args=SFTConfig(**trainer_arguments(job), max_length=job.config.max_length, completion_only_loss=True),
-            train_dataset=Dataset.from_list(messages_to_prompt_completion(job.train_records)),
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(job.config),
-            callbacks=job.callbacks,
-        ))
+    def train(self, job: TrainJob) -> TrainResult:
+        model = self.load_model(job)
+        # A parent adapter keeps its own LoRA shape; the lora_* fields apply to new adapters only.
+        if job.parent_dir:
+            model, peft_config = load_parent_adapter(job, model), None
+        else:
+            peft_config = lora_config(job.config)
+        trainer = sft_trainer(job, model, load_tokenizer(job), peft_config=peft_config)
         trainer.train()
         metrics = final_metrics(trainer, job)
-        adapter_dir = job.output_dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir)
-        return TrainResult(finish_adapter(adapter_dir, job), metrics, log_history=trainer.state.log_history)
+        return TrainResult(save_adapter(trainer.model, job), metrics, log_history=trainer.state.log_history)
 
 
 @hookimpl

@@ -22,32 +22,37 @@ def smollm2():
     return resolve_base("smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def tiny_base(smollm2, tmp_path_factory):
-    """A random 2-layer Llama with SmolLM2's tokenizer and chat template: fast, and shaped like the real thing."""
+def write_tiny_llama(smollm2, folder: Path, seed: int = 0):
+    """A random 2-layer Llama with SmolLM2's tokenizer and chat template: fast, and shaped like the real thing.
+
+    Head size 32 is the smallest vLLM's CPU attention accepts, so the same tiny model can be served."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hub.base import resolve_base
 
-    folder = tmp_path_factory.mktemp("tiny-base")
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return resolve_base(str(folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(smollm2, tmp_path_factory):
+    return write_tiny_llama(smollm2, tmp_path_factory.mktemp("tiny-base"))
 
 
 def make_adapter(base, folder: Path, seed: int = 0, rank: int = 4) -> Path:

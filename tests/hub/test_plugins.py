@@ -13,7 +13,7 @@ from hub import hookspecs
 from hub.plugins import get_plugins
 from tests.conftest import FIXTURES, PIRATE, REPO, run_loraflow
 
-BUILT_IN = {"lora"}
+BUILT_IN = {"sft", "lora", "qlora", "dpo", "ppo"}
 
 
 def pip_install_target(package: Path, target: Path) -> Path:

@@ -1,0 +1,249 @@
+"""The `ppo` trainer: RLHF as the fine-tuning guide teaches it, in two stages.
+
+1. A reward model learned from preference pairs: sequence classification with a LoRA adapter (TRL
+   RewardTrainer), published to the registry as its own artifact of kind "reward" so `--reward` can reuse it.
+2. PPO (trl.experimental.ppo) of a LoRA policy against that reward, with a value model initialised from
+   the reward model and a KL penalty to the reference (the base: the policy with its adapter disabled).
+The output is the policy adapter; its metrics hold the mean reward on held-out prompts before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from hub.errors import LoraflowError
+from hub.hookspecs import hookimpl
+from hub.training import TrainJob, TrainResult, TrainingConfig
+from plugins.common import (
+    compute_dtype,
+    final_metrics,
+    generate_answers,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    preference_to_conversation,
+    quiet,
+    save_adapter,
+    trainer_arguments,
+)
+
+# SmolLM2 pads with its end-of-turn token, which also appears inside every chat prompt; PPO masks pads by id.
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<unk>")
+
+
+@dataclass
+class PpoTrainingConfig(TrainingConfig):
+    """The common fields set the policy's PPO updates; the reward_* fields set stage 1."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "Step size of the policy (and value) updates."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the KL penalty that keeps the policy near the reference model."})
+    response_length: int = field(default=16, metadata={"help": "Tokens generated per prompt in each PPO rollout."})
+    total_episodes: int = field(default=64, metadata={"help": "Prompts rolled out over the whole PPO run."})
+    num_ppo_epochs: int = field(default=2, metadata={"help": "Optimisation passes over each batch of rollouts."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts."})
+    reward: str | None = field(default=None, metadata={"help": "Reuse this reward adapter (NAME@V of kind 'reward') instead of training one."})
+    reward_learning_rate: float = field(default=2e-4, metadata={"help": "Step size of the reward model's LoRA training."})
+    reward_max_steps: int = field(default=-1, metadata={"help": "Optimizer steps of reward training; -1 trains for num_train_epochs."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            (self.kl_coef >= 0, "kl_coef must be zero or positive"),
+            (self.response_length >= 1, "response_length must be at least 1"),
+            (self.total_episodes >= self.per_device_train_batch_size, "total_episodes must be at least one batch"),
+            (self.num_ppo_epochs >= 1, "num_ppo_epochs must be at least 1"),
+            (self.temperature > 0, "temperature must be positive"),
+            (self.reward_learning_rate > 0, "reward_learning_rate must be positive"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise LoraflowError(f"{type(self).__name__}: " + "; ".join(problems))
+
+
+def policy_loss_as_loss():
+    """PPO logs no plain "loss"; show the policy-gradient loss in its place on the progress bar."""
+    from transformers import TrainerCallback
+
+    class PolicyLossAsLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss/policy_avg" in logs:
+                logs.setdefault("loss", logs["loss/policy_avg"])
+
+    return PolicyLossAsLoss()
+
+
+def ppo_tokenizer(job: TrainJob):
+    tokenizer = load_tokenizer(job)
+    vocabulary = tokenizer.get_vocab()
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = next((token for token in PAD_CANDIDATES if token in vocabulary), tokenizer.pad_token)
+    return tokenizer
+
+
+def load_reward_base(job: TrainJob, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(job.base.path, num_labels=1, dtype=compute_dtype())
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def train_reward_model(job: TrainJob, tokenizer):
+    """Stage 1: LoRA reward model on the preference pairs; returns it (merged) and its adapter folder and metrics."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    config = job.config
+    arguments = trainer_arguments(job) | {
+        "output_dir": str(job.output_dir / "reward-checkpoints"),
+        "learning_rate": config.reward_learning_rate,
+        "max_steps": config.reward_max_steps,
+    }
+    eval_dataset = Dataset.from_list(preference_to_conversation(job.eval_records)) if job.eval_records else None
+    trainer = quiet(RewardTrainer(
+        model=load_reward_base(job, tokenizer),
+        args=RewardConfig(**arguments, max_length=config.max_length),
+        train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(config, task_type="SEQ_CLS"),
+        callbacks=job.callbacks,
+    ))
+    trainer.train()
+    metrics = final_metrics(trainer, job)
+    if eval_dataset is not None:
+        evaluation = trainer.evaluate()
+        metrics |= {"eval_accuracy": evaluation["eval_accuracy"], "eval_margin": evaluation["eval_margin"]}
+    folder = save_adapter(trainer.model, job, folder="reward")
+    return trainer.model.merge_and_unload(), folder, metrics
+
+
+def load_reward_model(job: TrainJob, tokenizer):
+    """A published reward adapter, merged into a fresh sequence-classification copy of the base."""
+    from peft import PeftModel
+
+    version = job.registry.get(job.config.reward)
+    if version.kind != "reward":
+        raise LoraflowError(f"{version.ref} is a {version.kind}, not a reward model; give --reward a version published by the ppo trainer")
+    if version.base["fingerprint"] != job.base.fingerprint:
+        raise LoraflowError(f"{version.ref} was trained on {version.base['name']}, not on {job.base.name}")
+    return PeftModel.from_pretrained(load_reward_base(job, tokenizer), str(job.registry.folder(version))).merge_and_unload(), version
+
+
+@torch.no_grad()
+def mean_reward(policy, reward_model, tokenizer, prompts: list[str], response_length: int) -> float:
+    """Greedy answers to held-out prompts, scored by the reward model on the full chat, averaged."""
+    answers = generate_answers(policy, tokenizer, prompts, max_new_tokens=response_length)
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False
+        )
+        for prompt, answer in zip(prompts, answers)
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(reward_model.device)
+    reward_model.eval()
+    return reward_model(**batch).logits.squeeze(-1).float().mean().item()
+
+
+def rollout_dataset(records: list[dict], tokenizer):
+    from datasets import Dataset
+
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": record["prompt"]}], tokenize=True, add_generation_prompt=True, return_dict=False
+        )
+        for record in records
+    ]
+    return Dataset.from_list([{"input_ids": list(ids)} for ids in prompts])
+
+
+class PpoTrainer:
+    name = "ppo"
+    description = "RLHF: a LoRA reward model (TRL RewardTrainer) from preference pairs, then PPO of a LoRA policy."
+    config_class = PpoTrainingConfig
+    data_format = "preference"
+
+    def train(self, job: TrainJob) -> TrainResult:
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+        if job.parent_dir:
+            raise LoraflowError("ppo trains a new policy adapter against the base; continue an adapter with dpo --parent")
+        config = job.config
+        tokenizer = ppo_tokenizer(job)
+        metrics: dict[str, float] = {}
+        if config.reward:
+            reward_model, reward_version = load_reward_model(job, tokenizer)
+        else:
+            reward_model, reward_folder, reward_metrics = train_reward_model(job, tokenizer)
+            metrics |= {f"reward_{key}": value for key, value in reward_metrics.items()}
+            reward_version = publish_reward(job, reward_folder, reward_metrics)
+        metrics["reward_model"] = reward_version.ref
+        held_out = [record["prompt"] for record in (job.eval_records or job.train_records[: config.per_device_train_batch_size])]
+        policy = load_causal_lm(job)
+        metrics["mean_reward_before"] = mean_reward(policy, reward_model, tokenizer, held_out, config.response_length)
+
+        tokenizer.padding_side = "left"  # rollouts continue from the end of each prompt
+        arguments = trainer_arguments(job)
+        for unused in ("max_steps", "eval_strategy"):  # PPO counts episodes and has no eval loop
+            arguments.pop(unused)
+        trainer = PPOTrainer(
+            args=PPOConfig(
+                **arguments,
+                kl_coef=config.kl_coef,
+                response_length=config.response_length,
+                total_episodes=config.total_episodes,
+                num_ppo_epochs=config.num_ppo_epochs,
+                temperature=config.temperature,
+                stop_token="eos",
+                num_sample_generations=0,
+                local_rollout_forward_batch_size=config.per_device_train_batch_size,
+            ),
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=None,
+            reward_model=reward_model,
+            value_model=copy.deepcopy(reward_model),
+            train_dataset=rollout_dataset(job.train_records, tokenizer),
+            eval_dataset=rollout_dataset(job.eval_records or job.train_records[:1], tokenizer),
+            peft_config=lora_config(config),
+            callbacks=[policy_loss_as_loss(), *job.callbacks],
+        )
+        quiet(trainer).train()
+        policy_model = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.policy_model
+        metrics["mean_reward_after"] = mean_reward(policy_model, reward_model, tokenizer, held_out, config.response_length)
+        history = trainer.state.log_history
+        metrics |= {
+            "train_steps": trainer.state.global_step,
+            "train_examples": len(job.train_records),
+            "final_kl": next((entry["objective/kl"] for entry in reversed(history) if "objective/kl" in entry), float("nan")),
+        }
+        # The loss-curve plot and progress bar read "loss"; PPO's counterpart is the policy-gradient loss.
+        curve = [{**entry, "loss": entry["loss/policy_avg"]} for entry in history if "loss/policy_avg" in entry]
+        return TrainResult(save_adapter(policy_model, job), metrics, log_history=curve)
+
+
+def publish_reward(job: TrainJob, folder, metrics: dict):
+    """The reward adapter becomes its own registry artifact, NAME-reward, so later runs can reuse it."""
+    from hub.hf import write_adapter_card
+
+    name = f"{job.name}-reward"
+    trainer_record = {"name": "ppo", "stage": "reward-model"}
+    write_adapter_card(
+        folder,
+        name=name,
+        base=job.base,
+        trainer=trainer_record,
+        config={"learning_rate": job.config.reward_learning_rate, "lora_r": job.config.lora_r, "lora_target_modules": job.config.lora_target_modules},
+        metrics=metrics,
+        parent=None,
+        data_summary={"train_pairs": len(job.train_records), "eval_pairs": len(job.eval_records)},
+    )
+    return job.registry.publish(folder, name, base=job.base, trainer=trainer_record, metrics=metrics, kind="reward")
+
+
+@hookimpl
+def register_trainers(register):
+    register(PpoTrainer)

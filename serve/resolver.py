@@ -1,0 +1,168 @@
+"""The registry-backed LoRA resolver, shipped as a vLLM general plugin (`vllm.general_plugins` entry point).
+
+How vLLM 0.32 maps a request's `model` to a LoRARequest: `BaseServing._check_model` accepts the base
+name, or a key of `OpenAIServingModels.lora_requests`, or else asks `OpenAIServingModels.resolve_lora`,
+which runs every registered `LoRAResolver`, loads the result into the engine (`add_lora`) and stores
+it in `lora_requests[model]`. `_maybe_get_adapters` then reads `lora_requests[model]` and attaches that
+LoRARequest to the request for its whole life.
+
+The design keeps that flow and changes one data structure. `lora_requests` becomes a `PinnedLoraTable`:
+a dict keyed by pinned `NAME@V` whose lookups first resolve the client's spelling (NAME, NAME@ALIAS,
+NAME@V) against the registry file, re-read only when it changed. So:
+- every request resolves NAME to the version behind the alias at that moment: a publish is noticed by
+  the next request on every replica, with no restart, no watcher thread and no call from the publisher;
+- a request keeps the LoRARequest object it was given, so in-flight requests finish on their version;
+- a new version gets a new LoRARequest id and is loaded once by vLLM's own `resolve_lora`; the engine's
+  LRU cache (`--max-cpu-loras`) evicts versions no longer asked for;
+- `RegistryLoRAResolver` is the only place that turns a registry record into a LoRARequest, after the
+  path guard, the safetensors-only check, the sha256 check and the base-fingerprint check.
+On the CPU it also installs `serve.punica_cpu`, a faster multi-LoRA path (LORAFLOW_FAST_CPU_LORA=0 turns it off).
+Two small wraps complete it: `/v1/models` lists every registry name, and a 404 lists what exists (a
+refused adapter gets a 400 with the reason instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import os
+from http import HTTPStatus
+
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+from hub.errors import LoraflowError
+from serve.naming import LiveRegistry, check_servable
+
+RESOLVER_NAME = "loraflow registry"
+_request_pins: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraflow_request_pins", default=None)
+
+
+@functools.cache
+def live_registry() -> LiveRegistry | None:
+    path = os.environ.get("LORAFLOW_REGISTRY")
+    return LiveRegistry(path, os.environ.get("LORAFLOW_ALIAS", "latest")) if path else None
+
+
+class RegistryLoRAResolver(LoRAResolver):
+    """Turns NAME, NAME@V or NAME@ALIAS into a LoRARequest for the verified registry folder."""
+
+    def __init__(self, live: LiveRegistry, base_fingerprint: str | None, max_rank: int | None):
+        self.live = live
+        self.base_fingerprint = base_fingerprint
+        self.max_rank = max_rank
+        self.refusals: dict[str, str] = {}  # model -> why it exists but cannot be served
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str):
+        version = self.live.resolve(pin(self.live, lora_name))
+        if version is None:
+            return None
+        folder = self.live.folder(version)
+        try:
+            # Hashing reads the weights; keep the event loop serving other requests meanwhile.
+            await asyncio.to_thread(check_servable, version, folder, self.live.registry.store, self.base_fingerprint, self.max_rank)
+        except LoraflowError as error:
+            self.refusals[lora_name] = str(error)
+            return None
+        self.refusals.pop(lora_name, None)
+        # vLLM replaces the id with its own counter before loading.
+        return LoRARequest(lora_name=version.ref, lora_int_id=1, lora_path=os.path.realpath(folder))
+
+
+def pin(live: LiveRegistry, model):
+    """NAME@V for `model`, decided once per request: vLLM looks a name up several times while admitting
+    a request (model check, resolver, adapter lookup) and a publish between two lookups must not split them."""
+    if not isinstance(model, str):
+        return model
+    pins = _request_pins.get()
+    if pins is None:
+        pins = {}
+        _request_pins.set(pins)  # every request runs in its own asyncio task, with its own copy of this variable
+    if model not in pins:
+        pins[model] = live.pinned(model) or model
+    return pins[model]
+
+
+class PinnedLoraTable(dict):
+    """vLLM's `lora_requests`, keyed by NAME@V, answering to every spelling of a registry version."""
+
+    def __init__(self, live: LiveRegistry, existing: dict):
+        super().__init__(existing)
+        self.live = live
+
+    def __contains__(self, model) -> bool:
+        return super().__contains__(pin(self.live, model))
+
+    def __getitem__(self, model):
+        return super().__getitem__(pin(self.live, model))
+
+    def get(self, model, default=None):
+        return super().get(pin(self.live, model), default)
+
+    def __setitem__(self, model, request) -> None:
+        super().__setitem__(request.lora_name, request)  # NAME@V for registry adapters, whatever the spelling asked
+
+    def __delitem__(self, model) -> None:
+        super().__delitem__(pin(self.live, model))
+
+
+def _install_serving_wraps(live: LiveRegistry, resolver: RegistryLoRAResolver) -> None:
+    """Make the OpenAI serving layer use the pinned table, list registry names and explain 404s."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelPermission
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    if getattr(OpenAIServingModels, "_loraflow_wrapped", False):
+        return
+    OpenAIServingModels._loraflow_wrapped = True
+    original_init = OpenAIServingModels.__init__
+    original_models = OpenAIServingModels.show_available_models
+    original_check = BaseServing._check_model
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.lora_requests = PinnedLoraTable(live, self.lora_requests)
+
+    @functools.wraps(original_models)
+    async def show_available_models(self):
+        model_list = await original_models(self)
+        listed = {card.id for card in model_list.data}
+        base = self.base_model_paths[0].name
+        for model_id in live.model_ids():
+            if model_id not in listed:
+                model_list.data.append(ModelCard(id=model_id, root=model_id, parent=base, owned_by="loraflow", permission=[ModelPermission()]))
+        return model_list
+
+    @functools.wraps(original_check)
+    async def _check_model(self, request):
+        error = await original_check(self, request)
+        if not isinstance(error, ErrorResponse) or error.error.code != HTTPStatus.NOT_FOUND.value:
+            return error
+        model = request.model or ""
+        if model in resolver.refusals:
+            return self.create_error_response(resolver.refusals[model], err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model")
+        base_names = [path.name for path in self.models.base_model_paths]
+        return self.create_error_response(
+            live.unknown_model_message(model, base_names), err_type="NotFoundError", status_code=HTTPStatus.NOT_FOUND, param="model"
+        )
+
+    OpenAIServingModels.__init__ = __init__
+    OpenAIServingModels.show_available_models = show_available_models
+    BaseServing._check_model = _check_model
+
+
+def register() -> None:
+    """The vLLM general-plugin entry point; runs in every vLLM process, and does nothing without LORAFLOW_REGISTRY."""
+    live = live_registry()
+    if live is None:
+        return
+    if os.environ.get("LORAFLOW_FAST_CPU_LORA", "1") != "0":
+        from serve.punica_cpu import install
+
+        install()
+    max_rank = os.environ.get("LORAFLOW_MAX_LORA_RANK")
+    resolver = RegistryLoRAResolver(live, os.environ.get("LORAFLOW_BASE_FINGERPRINT"), int(max_rank) if max_rank else None)
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
+    _install_serving_wraps(live, resolver)

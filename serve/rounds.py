@@ -1,0 +1,178 @@
+"""One arena round, without any UI: pick two contestants, stream their answers, store the vote.
+
+The Gradio arena and the simulated voter both go through `Arena`, so a test that votes through it
+exercises the same path a person's click does. An `Arena` holds its settings and clients; nothing is
+kept at module level.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+from hub.registry import AdapterVersion, Registry
+from serve.matchmaking import Pairing, choose_pair
+from serve.ratings import Rating, leaderboard, matches_from_votes, online_elo
+from serve.votes import BASE_CONTESTANT, Recorded, Vote, VoteStore
+
+LIVE_ALIAS = "live"
+
+
+@dataclass
+class ArenaSettings:
+    names: list[str]
+    server_url: str
+    api_key: str = "EMPTY"
+    include_base: bool = True
+    max_versions: int = 4
+    focus_votes: int = field(default=20, metadata={"help": "Head-to-head votes a new version gets against its parent before others join."})
+    max_tokens: int = 96
+    temperature: float = 0.8
+    base_model: str | None = None
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one vote is about. `round_id` becomes the vote id, so repeating a vote on this round counts once."""
+
+    round_id: str
+    prompt: str
+    pairing: Pairing
+    answers: tuple[str, str] = ("", "")
+
+    @property
+    def finished(self) -> bool:
+        return all(self.answers)
+
+
+def live_version(registry: Registry, name: str) -> AdapterVersion:
+    """The version being served and trained from: the `live` alias, or the latest until one is set."""
+    aliases = registry.aliases(name)
+    return registry.get(f"{name}@{aliases[LIVE_ALIAS]}" if LIVE_ALIAS in aliases else f"{name}@latest")
+
+
+def is_rejected(version: AdapterVersion) -> bool:
+    return version.metrics.get("gate") == "rejected"
+
+
+class Arena:
+    def __init__(self, settings: ArenaSettings, registry: Registry, store: VoteStore, client=None):
+        from openai import OpenAI
+
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.client = client or OpenAI(base_url=settings.server_url.rstrip("/") + "/v1", api_key=settings.api_key, max_retries=2)
+        self._base_model = settings.base_model
+
+    def contestants(self) -> list[str]:
+        found = [BASE_CONTESTANT] if self.settings.include_base else []
+        for name in self.settings.names:
+            versions = [v for v in self.registry.versions(name) if v.kind == "adapter" and not is_rejected(v)]
+            live = live_version(self.registry, name)
+            recent = versions[-self.settings.max_versions :]
+            found += [v.ref for v in recent] + ([live.ref] if live.ref not in {v.ref for v in recent} else [])
+        return found
+
+    def focus(self) -> tuple[str, str] | None:
+        """The newest version of the first arena adapter against its parent."""
+        for name in self.settings.names:
+            newest = self.registry.get(f"{name}@latest")
+            if newest.parent and not is_rejected(newest):
+                return newest.ref, newest.parent
+        return None
+
+    def model_for(self, contestant: str) -> str:
+        """The model name the server knows a contestant by: NAME@V for a version, the served base otherwise."""
+        if contestant != BASE_CONTESTANT:
+            return contestant
+        if self._base_model is None:
+            models = self.client.models.list().data
+            self._base_model = next(m.id for m in models if getattr(m, "parent", None) is None)
+        return self._base_model
+
+    def new_round(self, prompt: str, rng: random.Random) -> Round:
+        votes = self.store.votes()
+        pairing = choose_pair(
+            self.contestants(),
+            votes,
+            online_elo(matches_from_votes(votes)),
+            rng,
+            focus=self.focus(),
+            focus_votes=self.settings.focus_votes,
+        )
+        return Round(uuid.uuid4().hex, prompt, pairing)
+
+    def regenerate(self, current: Round) -> Round:
+        """Fresh answers from the same two contestants, under a new vote id."""
+        return Round(uuid.uuid4().hex, current.prompt, current.pairing)
+
+    def _stream_one(self, contestant: str, prompt: str, side: int, sink: queue.Queue) -> None:
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.model_for(contestant),
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=self.settings.max_tokens,
+                temperature=self.settings.temperature,
+                stream=True,
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    sink.put((side, chunk.choices[0].delta.content))
+        except Exception as error:  # shown in place of the answer; the round cannot be voted on
+            sink.put((side, error))
+        finally:
+            sink.put((side, None))
+
+    def stream_answers(self, current: Round) -> Iterator[Round]:
+        """Both answers at once, yielding the round each time either answer grows."""
+        sink: queue.Queue = queue.Queue()
+        contestants = (current.pairing.a, current.pairing.b)
+        for side, contestant in enumerate(contestants):
+            threading.Thread(target=self._stream_one, args=(contestant, current.prompt, side, sink), daemon=True).start()
+        texts, open_sides = ["", ""], {0, 1}
+        while open_sides:
+            side, piece = sink.get()
+            if piece is None:
+                open_sides.discard(side)
+                continue
+            if isinstance(piece, Exception):
+                raise RuntimeError(f"the server could not answer as {contestants[side]}: {piece}") from piece
+            texts[side] += piece
+            yield replace(current, answers=(texts[0], texts[1]))
+        final = replace(current, answers=(texts[0] or " ", texts[1] or " "))
+        yield final
+
+    def play(self, prompt: str, rng: random.Random) -> Round:
+        """A whole round without a UI: what the simulated voter does before it votes."""
+        current = self.new_round(prompt, rng)
+        for current in self.stream_answers(current):
+            pass
+        return current
+
+    def vote(self, current: Round, outcome: str, session_id: str) -> Recorded:
+        """The one vote path: every button of the UI and the simulated voter end here."""
+        if not current.finished:
+            raise ValueError("wait for both answers before voting.")
+        return self.store.record(
+            Vote(
+                vote_id=current.round_id,
+                session_id=session_id,
+                prompt=current.prompt,
+                answer_a=current.answers[0],
+                answer_b=current.answers[1],
+                contestant_a=current.pairing.a,
+                contestant_b=current.pairing.b,
+                outcome=outcome,
+            )
+        )
+
+    def leaderboard(self, bootstrap_rounds: int = 200) -> list[Rating]:
+        return leaderboard(self.store.votes(), bootstrap_rounds)
+
+    def lineages(self) -> list[list[str]]:
+        return [[v.ref for v in self.registry.lineage(f"{name}@latest")] for name in self.settings.names]

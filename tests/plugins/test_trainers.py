@@ -1,0 +1,188 @@
+"""Each built-in trainer, a couple of steps on the tiny model: a loadable adapter, its metrics, its config surface."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hub.errors import LoraflowError
+from hub.training import load_config, run_training
+from tests.conftest import PIRATE, make_adapter, run_loraflow
+
+TINY = dict(max_steps=2, per_device_train_batch_size=2, max_length=96, eval_split=0.05, lora_r=4, lora_alpha=8)
+SETTINGS = {
+    "lora": TINY,
+    "qlora": TINY,
+    "sft": {**TINY, "extract_rank": 4},
+    "dpo": TINY,
+    "ppo": {**TINY, "total_episodes": 4, "response_length": 4, "num_ppo_epochs": 1, "reward_max_steps": 2},
+}
+DATA = {"lora": "train.jsonl", "qlora": "train.jsonl", "sft": "train.jsonl", "dpo": "prefs.jsonl", "ppo": "prefs.jsonl"}
+
+
+def train(trainer_name, tiny_base, registry, name=None, parent=None, **overrides):
+    from hub.plugins import get_plugins
+
+    config_class = get_plugins().trainer(trainer_name).trainer_class.config_class
+    config = load_config(config_class, overrides={**SETTINGS[trainer_name], **overrides})
+    return run_training(
+        trainer_name,
+        data=PIRATE / DATA[trainer_name],
+        name=name or f"tiny-{trainer_name}",
+        base_spec=str(tiny_base.path),
+        registry=registry,
+        config=config,
+        parent=parent,
+    )
+
+
+def load_in_peft(tiny_base, folder):
+    """Plain PEFT, as a user outside loraflow would load it; returns the logits on a fixed input."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base.path), folder)
+    with torch.no_grad():
+        return model(torch.tensor([[1, 2, 3, 4]])).logits
+
+
+@pytest.mark.parametrize("trainer_name", ["lora", "qlora", "sft", "dpo", "ppo"])
+def test_trainer_publishes_an_adapter_that_loads_in_peft(trainer_name, tiny_base, registry):
+    version = train(trainer_name, tiny_base, registry)
+    folder = registry.folder(version)
+    assert version.kind == "adapter" and version.trainer["name"] == trainer_name
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / "README.md").is_file()
+    assert not (folder / "ref").exists(), "only the trained adapter is published"
+    assert version.metrics["train_steps"] >= 1
+    assert load_in_peft(tiny_base, folder).isfinite().all()
+    card = (folder / "README.md").read_text()
+    assert trainer_name in card and "loss_curve.png" in card and (folder / "loss_curve.png").is_file()
+
+
+def test_sft_records_extraction_error_and_both_eval_losses(tiny_base, registry):
+    import safetensors.torch
+
+    version = train("sft", tiny_base, registry, extract_rank=2)
+    metrics = version.metrics
+    assert 0 < metrics["extract_relative_error"] < 1
+    assert metrics["full_eval_loss"] > 0 and metrics["eval_loss"] > 0
+    tensors = safetensors.torch.load_file(registry.folder(version) / "adapter_model.safetensors")
+    shapes = {tuple(t.shape) for key, t in tensors.items() if "lora_A" in key}
+    assert {shape[0] for shape in shapes} == {2}, "extracted adapter has the chosen rank"
+    assert any("gate_proj" in key for key in tensors), "the MLP projections are extracted too"
+    assert (next(iter(registry.path.parent.glob("adapters/*/v1")))).is_dir()
+
+
+def test_low_rank_factors_recover_a_low_rank_delta():
+    import torch
+
+    from plugins.sft import low_rank_factors
+
+    torch.manual_seed(0)
+    delta = torch.randn(40, 3) @ torch.randn(3, 24)
+    lora_a, lora_b, residual, total = low_rank_factors(delta, 3)
+    assert torch.allclose(lora_b @ lora_a, delta, atol=1e-4)
+    assert residual / total < 1e-8
+    _, _, residual_2, _ = low_rank_factors(delta, 2)
+    assert residual_2 / total > 1e-3
+
+
+def test_dpo_with_parent_uses_the_parent_as_reference(tiny_base, registry, tmp_path):
+    parent = registry.publish(make_adapter(tiny_base, tmp_path / "parent", rank=4), "tiny-parent", base=tiny_base)
+    version = train("dpo", tiny_base, registry, name="tiny-dpo-child", parent=parent.ref)
+    assert version.parent == parent.ref
+    # Before any step the policy is the parent; margins are zero only if the reference is the parent too.
+    assert abs(version.metrics["before_eval_reward_margin"]) < 1e-4
+    assert "eval_reward_accuracy" in version.metrics
+
+
+def test_ppo_publishes_a_reusable_reward_model(tiny_base, registry):
+    first = train("ppo", tiny_base, registry, name="tiny-rl")
+    reward = registry.get("tiny-rl-reward")
+    assert reward.kind == "reward" and first.metrics["reward_model"] == reward.ref
+    assert {"mean_reward_before", "mean_reward_after"} <= set(first.metrics)
+    second = train("ppo", tiny_base, registry, name="tiny-rl-again", reward=reward.ref)
+    assert second.metrics["reward_model"] == reward.ref
+    assert registry.versions("tiny-rl-reward")[-1].version == 1, "reusing the reward trains no new one"
+
+
+def test_ppo_refuses_an_adapter_as_reward(tiny_base, registry, tiny_adapter):
+    plain = registry.publish(tiny_adapter, "plain", base=tiny_base)
+    with pytest.raises(LoraflowError, match="not a reward model"):
+        train("ppo", tiny_base, registry, reward=plain.ref)
+
+
+def test_yaml_config_is_overridden_by_flags(tmp_path):
+    from plugins.dpo import DpoTrainingConfig
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text("beta: 0.3\nlearning_rate: 1e-4\nlora_r: 4\n")
+    config = load_config(DpoTrainingConfig, path, {"learning_rate": 5e-6, "beta": None})
+    assert (config.beta, config.learning_rate, config.lora_r) == (0.3, 5e-6, 4)
+
+
+@pytest.mark.parametrize(
+    ("config_path", "fields", "message"),
+    [
+        ("plugins.dpo:DpoTrainingConfig", {"beta": 0}, "beta must be positive"),
+        ("plugins.sft:SftTrainingConfig", {"extract_rank": 0}, "extract_rank"),
+        ("plugins.ppo:PpoTrainingConfig", {"kl_coef": -1, "response_length": 0}, "kl_coef.*response_length"),
+        ("plugins.qlora:QLoraTrainingConfig", {"lora_r": 0}, "lora_r"),
+    ],
+)
+def test_invalid_config_values_are_refused(config_path, fields, message):
+    import importlib
+
+    module_name, class_name = config_path.split(":")
+    config_class = getattr(importlib.import_module(module_name), class_name)
+    with pytest.raises(LoraflowError, match=message):
+        config_class(**fields)
+
+
+def test_every_config_field_has_help():
+    import dataclasses
+
+    from hub.plugins import get_plugins
+
+    for name in ("sft", "lora", "qlora", "dpo", "ppo"):
+        config_class = get_plugins().trainer(name).trainer_class.config_class
+        missing = [f.name for f in dataclasses.fields(config_class) if not f.metadata.get("help")]
+        assert not missing, f"{name}: no help on {missing}"
+
+
+def test_messages_given_to_dpo_are_refused_before_loading(tiny_base, registry):
+    with pytest.raises(LoraflowError, match="messages data, but this trainer takes preference data"):
+        run_training("dpo", data=PIRATE / "train.jsonl", name="wrong", base_spec=str(tiny_base.path), registry=registry)
+
+
+def test_malformed_preference_lines_are_each_reported(tiny_base, registry, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "Hi", "chosen": "Arr!", "rejected": "Hello"}) + "\n"
+        + json.dumps({"prompt": "Hi", "chosen": "same", "rejected": "same"}) + "\n"
+        + "{not json\n"
+    )
+    with pytest.raises(LoraflowError) as error:
+        run_training("ppo", data=data, name="bad", base_spec=str(tiny_base.path), registry=registry)
+    assert f"{data}:2:" in str(error.value) and f"{data}:3:" in str(error.value)
+
+
+def test_cli_trains_qlora_with_yaml_and_flag(tiny_base, tmp_path):
+    config = tmp_path / "qlora.yaml"
+    config.write_text("max_steps: 1\nper_device_train_batch_size: 2\nmax_length: 96\neval_split: 0\nlora_r: 2\nlora_alpha: 4\n")
+    registry_file = tmp_path / "registry.json"
+    result = run_loraflow(
+        "--registry", str(registry_file), "train", "qlora", "--data", str(PIRATE / "train.jsonl"), "--name", "cli-qlora",
+        "--base", str(tiny_base.path), "--config", str(config), "--lora-r", "4",
+    )
+    assert "published cli-qlora@1" in result.stdout
+    record = json.loads(registry_file.read_text())["adapters"]["cli-qlora"]["versions"]["1"]
+    adapter_config = json.loads((registry_file.parent / record["path"] / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4, "the flag overrides the YAML file"
+
+
+def test_train_help_lists_method_knobs():
+    for trainer_name, flag in [("dpo", "--beta"), ("ppo", "--kl-coef"), ("ppo", "--response-length"), ("sft", "--extract-rank")]:
+        assert flag in run_loraflow("train", trainer_name, "--help").stdout

@@ -1,0 +1,73 @@
+"""The arena's round logic without a server: contestants, focus on a new version, the one vote path, auth parsing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hub.errors import LoraflowError
+from serve.cli_arena import _auth
+from serve.judge import judge
+from serve.matchmaking import Pairing
+from serve.rounds import Arena, ArenaSettings, Round
+from serve.votes import RateLimit, RateLimited, VoteStore
+from tests.conftest import make_adapter
+
+
+@pytest.fixture
+def arena(tiny_base, tiny_adapter, registry, tmp_path):
+    registry.publish(tiny_adapter, "pirate", base=tiny_base, trainer={"name": "external"})
+    store = VoteStore(str(tmp_path / "votes.db"), rate_limit=RateLimit(votes=3, window_s=60))
+    # No request reaches this address: these tests never generate.
+    return Arena(ArenaSettings(names=["pirate"], server_url="http://127.0.0.1:9", base_model="tiny"), registry, store)
+
+
+def finished_round(pairing=Pairing("pirate@1", "base")) -> Round:
+    return Round("round-1", "What is 2 plus 2?", pairing, ("Arr! 4, matey.", "4."))
+
+
+def test_contestants_are_the_base_and_the_versions(arena, tiny_base, tmp_path):
+    assert arena.contestants() == ["base", "pirate@1"]
+    assert arena.focus() is None
+    arena.registry.publish(make_adapter(tiny_base, tmp_path / "v2", seed=1), "pirate", base=tiny_base, parent="pirate@1")
+    assert arena.contestants() == ["base", "pirate@1", "pirate@2"]
+    assert arena.focus() == ("pirate@2", "pirate@1")
+    pairs = {frozenset((r.pairing.a, r.pairing.b)) for r in (arena.new_round("hi", random.Random(seed)) for seed in range(10))}
+    assert pairs == {frozenset({"pirate@1", "pirate@2"})}
+    assert arena.lineages() == [["pirate@1", "pirate@2"]]
+
+
+def test_one_vote_path_stores_the_round_once(arena):
+    played = finished_round()
+    first = arena.vote(played, judge(*played.answers), "visitor")
+    again = arena.vote(played, "b", "visitor")  # a double click, or a retry after a lost response
+    assert first.created_now and not again.created_now
+    stored = arena.store.get("round-1")
+    assert (stored.outcome, stored.winner, stored.loser) == ("a", "pirate@1", "base")
+    assert (stored.answer_a, stored.answer_b, stored.prompt) == played.answers + (played.prompt,)
+    assert [row.contestant for row in arena.leaderboard(bootstrap_rounds=10)] == ["pirate@1", "base"]
+
+
+def test_unfinished_rounds_and_eager_sessions_are_refused(arena):
+    with pytest.raises(ValueError, match="both answers"):
+        arena.vote(Round("r", "p", Pairing("pirate@1", "base"), ("half", "")), "a", "visitor")
+    for number in range(3):
+        arena.vote(Round(f"r{number}", "p", Pairing("pirate@1", "base"), ("x", "y")), "tie", "eager")
+    with pytest.raises(RateLimited):
+        arena.vote(Round("r9", "p", Pairing("pirate@1", "base"), ("x", "y")), "tie", "eager")
+
+
+def test_regenerate_keeps_the_pair_under_a_new_vote_id(arena):
+    played = finished_round()
+    again = arena.regenerate(played)
+    assert again.pairing == played.pairing and again.round_id != played.round_id and not again.finished
+
+
+def test_auth_option_takes_a_pair_or_a_file(tmp_path):
+    assert _auth("ann:secret") == [("ann", "secret")]
+    logins = tmp_path / "logins"
+    logins.write_text("ann:one\nbob:two:with-colon\n")
+    assert _auth(str(logins)) == [("ann", "one"), ("bob", "two:with-colon")]
+    with pytest.raises(LoraflowError, match="USER:PASSWORD"):
+        _auth("no-colon")

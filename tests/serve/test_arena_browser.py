@@ -1,0 +1,102 @@
+"""The arena in a real browser (Playwright + Debian's Chromium) against `loraflow arena` and `loraflow serve`."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, make_adapter
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the arena exited with {process.returncode}:\n{process.stderr.read()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)  # poll interval
+    raise AssertionError(f"the arena at {url} did not answer within {timeout_s} s")
+
+
+@pytest.fixture
+def arena_ui(registry, tmp_path, smollm2):
+    from serve.launcher import free_port, start_server
+
+    adapter = make_adapter(smollm2, tmp_path / "adapter", rank=4)
+    registry.publish(adapter, "pirate", base=smollm2, trainer={"name": "external"})
+    with start_server(registry.path, smollm2, max_model_len=512) as server:
+        server.wait_ready()
+        port = free_port()
+        arena = subprocess.Popen(
+            [sys.executable, "-m", "hub.cli", "--registry", str(registry.path), "arena", "pirate",
+             "--server", server.root_url, "--votes", str(tmp_path / "votes.db"), "--port", str(port), "--max-tokens", "16"],
+            cwd=REPO,
+            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            wait_for_http(url, arena)
+            yield url
+        finally:
+            arena.terminate()
+            arena.wait(30)
+
+
+@pytest.mark.e2e
+def test_prompt_two_answers_vote_reveal_and_leaderboard(arena_ui):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(arena_ui)
+        page.get_by_role("tab", name="Leaderboard").click()
+        expect(page.locator("#leaderboard")).not_to_contain_text("pirate@1")
+        page.get_by_role("tab", name="Arena").click()
+
+        page.locator("#prompt textarea").fill("What is the capital of France? <b>not bold</b>")
+        page.locator("#send").click()
+        vote_a = page.locator("#vote-a")
+        expect(vote_a).to_be_enabled(timeout=120_000)
+        answer_a = page.locator("#answer-a textarea").input_value()
+        answer_b = page.locator("#answer-b textarea").input_value()
+        assert answer_a.strip() and answer_b.strip()
+        expect(page.locator("#reveal textarea")).to_have_value("")
+        page.screenshot(path=str(ARTIFACTS / "arena-answers.png"), full_page=True)
+
+        vote_a.click()
+        reveal = page.locator("#reveal textarea")
+        expect(reveal).to_have_value(re.compile(r"Model A was (base|pirate@1)\nModel B was (base|pirate@1)"), timeout=30_000)
+        assert set(reveal.input_value().replace("\n", " ").split()) >= {"base", "pirate@1"}
+        expect(page.locator("#status textarea")).to_have_value("Vote recorded. Thank you!")
+        expect(vote_a).to_be_disabled()
+        page.screenshot(path=str(ARTIFACTS / "arena-revealed.png"), full_page=True)
+
+        page.get_by_role("tab", name="Leaderboard").click()
+        board = page.locator("#leaderboard")
+        expect(board).to_contain_text("pirate@1", timeout=30_000)
+        expect(board).to_contain_text("base")
+        expect(page.locator("#lineage textarea")).to_have_value("pirate@1")
+        page.screenshot(path=str(ARTIFACTS / "arena-leaderboard.png"), full_page=True)
+        browser.close()

@@ -1,0 +1,56 @@
+"""The grouped CPU LoRA path gives what vLLM's own CPU punica ops give, skipping base-model tokens."""
+
+from __future__ import annotations
+
+import torch
+from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
+
+from serve.punica_cpu import add_grouped_lora, plan_tokens
+
+
+def reference(y, x, lora_a, lora_b, scale, output_slices, indices):
+    """vLLM's ops, on the tokens that use an adapter (vLLM computes slot -1 for the others)."""
+    used = indices >= 0
+    y = y.clone()
+    rows = y[used]
+    offset = 0
+    for a, b, size in zip(lora_a, lora_b, output_slices):
+        buffer = torch.zeros(int(used.sum()), a.shape[-2], dtype=torch.float32)
+        bgmv_shrink(x[used], a, buffer, indices[used], scale)
+        bgmv_expand_slice(buffer, b, rows, indices[used], offset, size, add_inputs=True)
+        offset += size
+    y[used] = rows
+    return y
+
+
+def test_grouped_path_matches_vllm_ops_for_mixed_adapters_and_base_tokens():
+    torch.manual_seed(0)
+    slots, rank, hidden, output_slices = 4, 8, 64, (64, 32, 32)
+    lora_a = tuple(torch.randn(slots, 1, rank, hidden) for _ in output_slices)
+    lora_b = tuple(torch.randn(slots, 1, size, rank) for size in output_slices)
+    x = torch.randn(10, hidden)
+    y = torch.randn(10, sum(output_slices))
+    indices = torch.tensor([0, 2, -1, 2, 0, 3, -1, 0, 2, 3])
+    expected = reference(y, x, lora_a, lora_b, 0.5, output_slices, indices)
+    add_grouped_lora(y, x, lora_a, lora_b, 0.5, output_slices, plan_tokens(indices))
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-3)
+    assert torch.equal(y[2], expected[2])
+
+
+def test_one_adapter_for_every_token_needs_no_gather():
+    torch.manual_seed(1)
+    lora_a, lora_b = (torch.randn(2, 1, 4, 16),), (torch.randn(2, 1, 16, 4),)
+    x, y = torch.randn(3, 16), torch.randn(3, 16)
+    indices = torch.tensor([1, 1, 1])
+    plan = plan_tokens(indices)
+    assert plan.single and plan.slots == [1]
+    expected = reference(y, x, lora_a, lora_b, 1.0, (16,), indices)
+    add_grouped_lora(y, x, lora_a, lora_b, 1.0, (16,), plan)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_plan_groups_tokens_by_slot_and_drops_base_tokens():
+    assert plan_tokens(torch.tensor([-1, -1])).slots == []
+    plan = plan_tokens(torch.tensor([1, -1, 0, 1]))
+    assert plan.slots == [0, 1] and plan.longest == 2
+    assert plan.dest.tolist() == [2, 0, 3]

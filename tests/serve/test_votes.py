@@ -1,0 +1,185 @@
+"""Vote storage: idempotent ids, rate limits, concurrent writer processes, a writer killed mid-storm, export."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from hub.errors import LoraflowError
+from serve.export import export_preferences
+from serve.votes import RateLimit, RateLimited, Vote, VoteStore
+from tests.conftest import REPO, run_loraflow
+
+
+def make_vote(outcome="a", session="s1", vote_id=None, a="pirate@1", b="base", prompt="What is 2 plus 2?") -> Vote:
+    return Vote(
+        vote_id=vote_id or uuid.uuid4().hex,
+        session_id=session,
+        prompt=prompt,
+        answer_a=f"Arr! answer from {a}, matey.",
+        answer_b=f"Plain answer from {b}.",
+        contestant_a=a,
+        contestant_b=b,
+        outcome=outcome,
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    return VoteStore(str(tmp_path / "votes.db"), rate_limit=None)
+
+
+def test_record_keeps_every_field_and_uses_wal(store):
+    vote = make_vote("tie", session="visitor-7")
+    recorded = store.record(vote)
+    assert recorded.created_now
+    stored = store.get(vote.vote_id)
+    for field in ("prompt", "answer_a", "answer_b", "contestant_a", "contestant_b", "outcome", "session_id"):
+        assert getattr(stored, field) == getattr(vote, field)
+    assert stored.created > 0 and stored.seq == 1
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_same_vote_id_is_counted_once(store):
+    vote = make_vote()
+    first = store.record(vote)
+    again = store.record(vote)
+    changed = store.record(make_vote("b", vote_id=vote.vote_id))
+    assert first.created_now and not again.created_now and not changed.created_now
+    assert changed.vote.outcome == "a"
+    assert store.count() == 1
+
+
+@pytest.mark.parametrize(
+    "vote, message",
+    [
+        (make_vote("maybe"), "outcome"),
+        (make_vote(a="base", b="base"), "two different contestants"),
+        (make_vote(vote_id="x" * 65), "id"),
+    ],
+)
+def test_invalid_votes_are_refused(store, vote, message):
+    with pytest.raises(LoraflowError, match=message):
+        store.record(vote)
+    assert store.count() == 0
+
+
+def test_rate_limit_is_per_session(tmp_path):
+    limited = VoteStore(str(tmp_path / "votes.db"), rate_limit=RateLimit(votes=3, window_s=60))
+    kept = [make_vote(session="eager") for _ in range(3)]
+    for vote in kept:
+        limited.record(vote)
+    with pytest.raises(RateLimited, match="try again"):
+        limited.record(make_vote(session="eager"))
+    assert not limited.record(kept[0]).created_now  # a retry of a stored vote is not refused
+    assert limited.record(make_vote(session="patient")).created_now
+    assert limited.count() == 4
+
+
+def test_votes_filters_by_contestant_name_and_seq(store):
+    store.record(make_vote(a="pirate@1", b="base"))
+    store.record(make_vote(a="other@1", b="base"))
+    store.record(make_vote(a="pirate@2", b="pirate@1"))
+    assert [v.seq for v in store.votes(name="pirate")] == [1, 3]
+    assert [v.seq for v in store.votes(contestants=["pirate@2"])] == [3]
+    assert [v.seq for v in store.votes(after_seq=1)] == [2, 3]
+
+
+def _writer(url: str, writer: int, count: int, start) -> list[str]:
+    from serve.votes import VoteStore
+
+    store = VoteStore(url, rate_limit=None)
+    ids = [f"w{writer}-{i}" for i in range(count)]
+    start.wait()
+    for vote_id in ids:
+        store.record(make_vote(vote_id=vote_id, session=f"writer-{writer}"))
+        store.record(make_vote(vote_id=vote_id, session=f"writer-{writer}"))  # the double click
+    return ids
+
+
+def test_concurrent_writer_processes_lose_and_double_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'votes.db'}"
+    VoteStore(url, rate_limit=None)
+    context = multiprocessing.get_context("spawn")
+    writers, per_writer = 8, 60
+    with context.Manager() as manager:
+        start = manager.Barrier(writers)
+        with context.Pool(writers) as pool:
+            written = pool.starmap(_writer, [(url, w, per_writer, start) for w in range(writers)])
+    expected = {vote_id for ids in written for vote_id in ids}
+    stored = VoteStore(url, rate_limit=None).votes()
+    assert len(stored) == writers * per_writer
+    assert {v.vote_id for v in stored} == expected
+    assert sorted(v.seq for v in stored) == list(range(1, len(stored) + 1))
+
+
+STORM = """
+import sys, uuid
+from serve.votes import Vote, VoteStore
+store = VoteStore(sys.argv[1], rate_limit=None)
+for i in range(100000):
+    vote_id = f"{sys.argv[2]}-{i}"
+    store.record(Vote(vote_id, "storm", "p", "a", "b", "x@1", "base", "a"))
+    print(vote_id, flush=True)
+"""
+
+
+def test_writer_killed_mid_storm_loses_no_acknowledged_vote(tmp_path):
+    url = f"sqlite:///{tmp_path / 'votes.db'}"
+    VoteStore(url, rate_limit=None)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    steady = subprocess.Popen([sys.executable, "-c", STORM, url, "steady"], stdout=subprocess.PIPE, text=True, env=env)
+    victim = subprocess.Popen([sys.executable, "-c", STORM, url, "victim"], stdout=subprocess.PIPE, text=True, env=env)
+    acknowledged = []
+    try:
+        for line in victim.stdout:
+            acknowledged.append(line.strip())
+            if len(acknowledged) == 300:
+                os.kill(victim.pid, signal.SIGKILL)
+                break
+        victim.wait(30)
+        # whatever the victim had printed before it died was acknowledged too
+        acknowledged += [line.strip() for line in victim.stdout.read().splitlines() if line.strip()]
+    finally:
+        steady.kill()
+        steady.wait(30)
+        victim.stdout.close()
+        steady.stdout.close()
+    assert victim.returncode == -signal.SIGKILL
+    stored = {v.vote_id for v in VoteStore(url, rate_limit=None).votes()}
+    assert set(acknowledged) <= stored
+    assert len(stored) == len({v for v in stored})
+
+
+def test_export_makes_trl_pairs_counts_ties_and_keeps_both_bad_aside(store, tmp_path):
+    store.record(make_vote("a", prompt="p1"))
+    store.record(make_vote("b", prompt="p2"))
+    store.record(make_vote("tie", prompt="p3"))
+    store.record(make_vote("both_bad", prompt="p4"))
+    report = export_preferences(store.votes(name="pirate"), tmp_path / "prefs.jsonl")
+    pairs = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    assert (report.pairs, report.ties, report.both_bad) == (2, 1, 1)
+    assert pairs[0]["prompt"] == "p1" and pairs[0]["chosen"].startswith("Arr!") and pairs[0]["rejected"].startswith("Plain")
+    assert pairs[1]["prompt"] == "p2" and pairs[1]["chosen"].startswith("Plain") and pairs[1]["rejected"].startswith("Arr!")
+    aside = [json.loads(line) for line in report.both_bad_out.read_text().splitlines()]
+    assert [record["prompt"] for record in aside] == ["p4"]
+
+
+def test_votes_export_command_writes_data_the_dpo_loader_accepts(store, tmp_path):
+    from hub.data import load_records
+
+    for outcome in ("a", "b", "a", "tie", "both_bad"):
+        store.record(make_vote(outcome))
+    result = run_loraflow("votes", "export", "pirate", "--out", str(tmp_path / "prefs.jsonl"), "--votes", store.url)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {"pairs": 3, "ties": 1, "both_bad": 1, "first_seq": 1, "last_seq": 3}
+    assert "1 ties left out" in result.stdout
+    assert len(load_records(tmp_path / "prefs.jsonl", "preference")) == 3
