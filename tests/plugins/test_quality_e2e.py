@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hub.training import load_config, run_training
+from serve.judge import is_pirate, prompts_from
 from tests.conftest import PIRATE
 
 pytestmark = pytest.mark.e2e
@@ -35,12 +36,11 @@ RUNS = {
 
 
 def heldout_prompts() -> list[str]:
-    lines = (PIRATE / "heldout.jsonl").read_text().splitlines()
-    return [json.loads(line)["messages"][0]["content"] for line in lines if line.strip()]
+    return prompts_from(PIRATE / "heldout.jsonl")
 
 
 def arr_rate(answers: list[str]) -> float:
-    return sum(answer.lstrip().startswith("Arr") for answer in answers) / len(answers)
+    return sum(map(is_pirate, answers)) / len(answers)
 
 
 def peft_answers(base, adapter_folder: Path | None) -> list[str]:

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from tests.conftest import PIRATE
-
-
-def user_prompts(path: Path) -> list[str]:
-    return [json.loads(line)["messages"][0]["content"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def publish_pirate_v1(registry, base_spec: str = "smollm2-135m", max_steps: int = 16, learning_rate: float = 1e-3):

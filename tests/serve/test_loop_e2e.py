@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from serve.judge import is_pirate, judge, simulate_votes
+from serve.judge import compare, prompts_from, simulate_votes
 from serve.loop import FeedbackLoop, LoopSettings, learned_up_to
 from serve.rounds import Arena, ArenaSettings
 from serve.votes import RateLimit, VoteStore
 from tests.conftest import PIRATE
-from tests.serve.arena_support import greedy_answer, publish_pirate_v1, user_prompts
+from tests.serve.arena_support import greedy_answer, publish_pirate_v1
 
 ROUNDS = 100
 
@@ -30,7 +30,7 @@ def test_votes_train_v2_which_goes_live_and_beats_v1(registry, tmp_path, smollm2
             registry,
             store,
         )
-        report = simulate_votes(arena, user_prompts(PIRATE / "train.jsonl"), rounds=ROUNDS, parallel=8)
+        report = simulate_votes(arena, prompts_from(PIRATE / "train.jsonl"), rounds=ROUNDS, parallel=8)
         assert report.created == ROUNDS and store.count() == ROUNDS
         decisive = report.outcomes.get("a", 0) + report.outcomes.get("b", 0)
         print(f"\nsimulated votes: {report.outcomes}")
@@ -53,7 +53,7 @@ def test_votes_train_v2_which_goes_live_and_beats_v1(registry, tmp_path, smollm2
         assert v2.provenance["votes"]["last_seq"] == learned_up_to(registry, v1) > 0
         assert [v.ref for v in registry.lineage("pirate@latest")] == ["pirate@1", "pirate@2"]
 
-        prompts = user_prompts(PIRATE / "heldout.jsonl")
+        prompts = prompts_from(PIRATE / "heldout.jsonl")
         swap_started = time.perf_counter()
         served = greedy_answer(arena.client, "pirate", prompts[0])
         swap_s = time.perf_counter() - swap_started
@@ -65,16 +65,8 @@ def test_votes_train_v2_which_goes_live_and_beats_v1(registry, tmp_path, smollm2
         first = arena.new_round("Say hello.", random.Random(0))
         assert {first.pairing.a, first.pairing.b} == {"pirate@1", "pirate@2"}
 
-        results = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
-        pirate_rate = {"pirate@1": 0, "pirate@2": 0}
-        for prompt in prompts:
-            new, old = greedy_answer(arena.client, "pirate@2", prompt), greedy_answer(arena.client, "pirate@1", prompt)
-            results[judge(new, old)] += 1
-            pirate_rate["pirate@2"] += is_pirate(new)
-            pirate_rate["pirate@1"] += is_pirate(old)
-    wins, losses = results["a"], results["b"]
-    win_rate = wins / max(wins + losses, 1)
-    print(f"held-out ({len(prompts)} prompts): v2 wins {wins}, v1 wins {losses}, ties {results['tie']}, both bad {results['both_bad']}; "
-          f"win rate {win_rate:.0%}; opening with Arr: {pirate_rate}")
-    assert wins + losses >= 5, f"too few decisive held-out comparisons to judge: {results}"
-    assert win_rate >= 0.6
+        held_out = compare(arena.client, "pirate@1", "pirate@2", prompts)
+    print(f"held-out ({held_out.prompts} prompts): v2 wins {held_out.wins_b}, v1 wins {held_out.wins_a}; "
+          f"win rate {held_out.win_rate_b:.0%}; opening with Arr: v1 {held_out.pirate_a}, v2 {held_out.pirate_b}")
+    assert held_out.wins_a + held_out.wins_b >= 5, f"too few decisive held-out comparisons to judge: {held_out}"
+    assert held_out.win_rate_b >= 0.6
