@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,16 @@ from tests.conftest import FIXTURES, PIRATE, REPO, run_loraflow
 BUILT_IN = {"sft", "lora", "qlora", "dpo", "ppo"}
 
 
+def source_copy(package: Path, tmp_path: Path) -> Path:
+    """pip builds in the source folder; a copy keeps the repository clean."""
+    return Path(shutil.copytree(package, tmp_path / package.name))
+
+
 def pip_install_target(package: Path, target: Path) -> Path:
     """Install a plugin package into its own folder, leaving the project's venv untouched."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(source_copy(package, target.parent / f"{target.name}-source"))],
         check=True,
         capture_output=True,
     )
@@ -89,7 +96,7 @@ def test_plugins_install_discovers_new_trainer(tmp_path):
     venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
     Path(venv_site, "project-venv.pth").write_text(f"{site}\n{REPO}\n")
     result = subprocess.run(
-        [str(python), "-m", "hub.cli", "plugins", "install", "--", "--no-deps", "--no-build-isolation", str(FIXTURES / "loraflow-identity")],
+        [str(python), "-m", "hub.cli", "plugins", "install", "--", "--no-deps", "--no-build-isolation", str(source_copy(FIXTURES / "loraflow-identity", tmp_path))],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
