@@ -25,8 +25,10 @@ demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
 test: setup
-	# The arena's browser test drives Debian's Chromium through Playwright (Playwright's own browser is not downloaded).
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	# The arena's browser test drives Debian's Chromium through Playwright (Playwright's own browser is not
+	# downloaded); the vote tests start a throwaway PostgreSQL server.
+	command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
+		(apt-get update && apt-get install -y chromium postgresql)
 	$(PY) -m pytest tests
 
 test-fast: setup

@@ -92,3 +92,44 @@ def run_loraflow(*args: str, env: dict | None = None, check: bool = True, cwd: P
     if check and result.returncode != 0:
         raise AssertionError(f"loraflow {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server on loopback, run as the `postgres` user (the server refuses root)."""
+    import glob
+    import shutil
+    import socket
+    import tempfile
+
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    assert binaries, "PostgreSQL is not installed: `make test` installs it (apt-get install postgresql)"
+    data = Path(tempfile.mkdtemp(prefix="loraflow-postgres-"))  # pytest's own folders are private to root
+    shutil.chown(data, "postgres", "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, f"{binaries[-1]}/initdb", "-D", str(data), "-A", "trust", "-U", "loraflow"], check=True, capture_output=True)
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=100"
+    # pg_ctl -w polls until the server accepts connections.
+    subprocess.run([*as_postgres, f"{binaries[-1]}/pg_ctl", "-D", str(data), "-o", options, "-w", "-l", str(data / "log"), "start"], check=True, capture_output=True)
+    yield f"postgresql+psycopg://loraflow@127.0.0.1:{port}"
+    subprocess.run([*as_postgres, f"{binaries[-1]}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def votes_url(request, tmp_path):
+    """An empty vote database: a SQLite file, or a fresh database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'votes.db'}"
+    import uuid
+
+    import psycopg
+
+    server = request.getfixturevalue("postgres")
+    database = f"votes_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {database}")
+    return f"{server}/{database}"

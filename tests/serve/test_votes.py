@@ -36,6 +36,12 @@ def store(tmp_path):
     return VoteStore(str(tmp_path / "votes.db"), rate_limit=None)
 
 
+@pytest.fixture
+def any_store(votes_url):
+    """The same behaviour is asked of SQLite and of PostgreSQL."""
+    return VoteStore(votes_url, rate_limit=None)
+
+
 def test_record_keeps_every_field_and_uses_wal(store):
     vote = make_vote("tie", session="visitor-7")
     recorded = store.record(vote)
@@ -48,14 +54,14 @@ def test_record_keeps_every_field_and_uses_wal(store):
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
-def test_same_vote_id_is_counted_once(store):
+def test_same_vote_id_is_counted_once(any_store):
     vote = make_vote()
-    first = store.record(vote)
-    again = store.record(vote)
-    changed = store.record(make_vote("b", vote_id=vote.vote_id))
+    first = any_store.record(vote)
+    again = any_store.record(vote)
+    changed = any_store.record(make_vote("b", vote_id=vote.vote_id))
     assert first.created_now and not again.created_now and not changed.created_now
     assert changed.vote.outcome == "a"
-    assert store.count() == 1
+    assert any_store.count() == 1
 
 
 @pytest.mark.parametrize(
@@ -105,8 +111,8 @@ def _writer(url: str, writer: int, count: int, start) -> list[str]:
     return ids
 
 
-def test_concurrent_writer_processes_lose_and_double_nothing(tmp_path):
-    url = f"sqlite:///{tmp_path / 'votes.db'}"
+def test_concurrent_writer_processes_lose_and_double_nothing(votes_url):
+    url = votes_url
     VoteStore(url, rate_limit=None)
     context = multiprocessing.get_context("spawn")
     writers, per_writer = 8, 60
@@ -132,8 +138,8 @@ for i in range(100000):
 """
 
 
-def test_writer_killed_mid_storm_loses_no_acknowledged_vote(tmp_path):
-    url = f"sqlite:///{tmp_path / 'votes.db'}"
+def test_writer_killed_mid_storm_loses_no_acknowledged_vote(votes_url):
+    url = votes_url
     VoteStore(url, rate_limit=None)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     steady = subprocess.Popen([sys.executable, "-c", STORM, url, "steady"], stdout=subprocess.PIPE, text=True, env=env)
