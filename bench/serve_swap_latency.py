@@ -1,10 +1,12 @@
 """Hot-swap latency under load: from a publish returning to the first token streamed by the new version.
 
-    python bench/serve_swap_latency.py [--clients 8] [--swaps 3] [--tokens 32]
+    python bench/serve_swap_latency.py [--rate 8] [--swaps 3] [--tokens 32]
 
-Clients keep streaming requests for NAME from one vLLM server. Each swap publishes a new version of
-NAME (the server is not told) and records when the first streamed token produced by that version
-arrives; every streamed chunk names the version that produced it (NAME@V).
+Streaming requests for NAME arrive at a steady rate (open loop: a new one every 1/rate s, whether or not
+earlier ones finished), so no client waits for its batch to end. Each swap publishes a new version of NAME
+(the server is not told) and records when the first token produced by that version arrives; every streamed
+chunk names the version that produced it (NAME@V). The baseline, measured in the same run, is the usual
+wait for a first token under this load: half the arrival gap plus the median time to first token.
 """
 
 from __future__ import annotations
@@ -28,25 +30,38 @@ NAME = "swap"
 PROMPT = "Tell me about the sea."
 
 
-async def run(url: str, registry: Registry, base, sources: list[Path], clients: int, tokens: int) -> tuple[list[float], int, int]:
+async def run(url: str, registry: Registry, base, sources: list[Path], rate: float, tokens: int) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
     first_token_at: dict[str, float] = {}
+    time_to_first_token: list[float] = []
     counts = {"ok": 0, "failed": 0}
-    stop = asyncio.Event()
+    in_flight: set[asyncio.Task] = set()
 
-    async def keep_streaming():
+    async def one():
+        started = time.perf_counter()
+        try:
+            stream = await client.completions.create(model=NAME, prompt=PROMPT, max_tokens=tokens, temperature=0, stream=True)
+            first = None
+            async for chunk in stream:
+                if first is None:
+                    first = time.perf_counter()
+                    time_to_first_token.append(first - started)
+                    first_token_at.setdefault(chunk.model, first)
+            counts["ok"] += 1
+        except Exception:  # counted, and the benchmark reports it
+            counts["failed"] += 1
+
+    async def arrivals(stop: asyncio.Event):
         while not stop.is_set():
-            try:
-                stream = await client.completions.create(model=NAME, prompt=PROMPT, max_tokens=tokens, temperature=0, stream=True)
-                async for chunk in stream:
-                    first_token_at.setdefault(chunk.model, time.perf_counter())
-                counts["ok"] += 1
-            except Exception:  # counted, and the benchmark reports it
-                counts["failed"] += 1
+            task = asyncio.create_task(one())
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            await asyncio.sleep(1 / rate)
 
-    workers = [asyncio.create_task(keep_streaming()) for _ in range(clients)]
+    stop = asyncio.Event()
+    arriving = asyncio.create_task(arrivals(stop))
     while f"{NAME}@1" not in first_token_at:
         await asyncio.sleep(0.01)
     await asyncio.sleep(2)  # let the load settle before the first swap
@@ -59,14 +74,15 @@ async def run(url: str, registry: Registry, base, sources: list[Path], clients: 
         latencies.append(first_token_at[version.ref] - published)
         await asyncio.sleep(1)
     stop.set()
-    await asyncio.gather(*workers)
-    return latencies, counts["ok"], counts["failed"]
+    await arriving
+    await asyncio.gather(*in_flight)
+    return {"latencies": latencies, "ttft": time_to_first_token, **counts}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2-135m")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=8, help="requests started per second")
     parser.add_argument("--swaps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
@@ -78,10 +94,13 @@ def main() -> None:
         sources = [make_adapter(base, Path(scratch) / f"next{i}", seed=i + 1, rank=8) for i in range(args.swaps)]
         with start_server(registry.path, base, api_key="bench") as server:
             server.wait_ready()
-            latencies, ok, failed = asyncio.run(run(server.url, registry, base, sources, args.clients, args.tokens))
-    print(f"{args.clients} streaming clients, {args.swaps} publishes: {ok} requests ok, {failed} failed")
+            result = asyncio.run(run(server.url, registry, base, sources, args.rate, args.tokens))
+    latencies = result["latencies"]
+    usual = 0.5 / args.rate + statistics.median(result["ttft"])
+    print(f"{args.rate:g} streaming requests/s of {args.tokens} tokens, {args.swaps} publishes: {result['ok']} requests ok, {result['failed']} failed")
     print("publish -> first token of the new version: " + ", ".join(f"{s * 1000:.0f} ms" for s in latencies))
-    print(f"median {statistics.median(latencies) * 1000:.0f} ms, worst {max(latencies) * 1000:.0f} ms")
+    print(f"median {statistics.median(latencies) * 1000:.0f} ms, worst {max(latencies) * 1000:.0f} ms; "
+          f"usual wait for a first token at this load {usual * 1000:.0f} ms; ratio swap/usual {statistics.median(latencies) / usual:.2f}")
 
 
 if __name__ == "__main__":

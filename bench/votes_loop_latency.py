@@ -63,7 +63,7 @@ def main() -> None:
     print(f"first answer from {registry.get('pirate@live').ref}: {answer!r}")
     for stage, seconds in stages.items():
         print(f"  {stage:<18} {seconds:7.1f} s  {seconds / total:5.1%}")
-    print(f"N-th vote to first new answer: {total:.1f} s for {len(pairs)} votes")
+    print(f"result: N-th vote to first new answer {total:.1f} s for {len(pairs)} votes")
 
 
 if __name__ == "__main__":

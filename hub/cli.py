@@ -42,8 +42,11 @@ def _registry(ctx: click.Context):
 @app.callback()
 def root(
     ctx: typer.Context,
-    registry: Optional[Path] = typer.Option(
-        None, "--registry", envvar="LORAFLOW_REGISTRY", help="Registry file (default: ./registry.json)."
+    registry: Optional[str] = typer.Option(
+        None,
+        "--registry",
+        envvar="LORAFLOW_REGISTRY",
+        help="Registry file (default: ./registry.json); `loraflow serve` also takes the URL of a `loraflow hub serve`.",
     ),
 ):
     ctx.obj = {"registry": registry}

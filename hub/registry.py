@@ -32,9 +32,34 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 KINDS = ("adapter", "reward")
 
 
+def registry_location(explicit: str | os.PathLike | None = None) -> str:
+    """--registry beats LORAFLOW_REGISTRY beats ./registry.json: a file, or the URL of a `loraflow hub serve`."""
+    return str(explicit or os.environ.get("LORAFLOW_REGISTRY") or DEFAULT_REGISTRY)
+
+
+def is_registry_url(location: str | os.PathLike) -> bool:
+    return str(location).startswith(("http://", "https://"))
+
+
 def registry_path(explicit: str | os.PathLike | None = None) -> Path:
-    """--registry beats LORAFLOW_REGISTRY beats ./registry.json."""
-    return Path(explicit or os.environ.get("LORAFLOW_REGISTRY") or DEFAULT_REGISTRY)
+    location = registry_location(explicit)
+    if is_registry_url(location):
+        raise LoraflowError(
+            f"registry {location} is a URL; this command needs a registry file. Only `loraflow serve` reads a registry "
+            f"by URL. To publish to a loraflow hub, run `HF_ENDPOINT={location} loraflow push NAME --to-hub loraflow/NAME`."
+        )
+    return Path(location)
+
+
+def max_lora_rank(data: dict) -> int:
+    """The largest LoRA rank among a registry's servable adapters, so a server reserves no more than it needs."""
+    ranks = [
+        record["lora"].get("r", 0)
+        for entry in data["adapters"].values()
+        for record in entry["versions"].values()
+        if record["kind"] == "adapter"
+    ]
+    return max(ranks, default=0)
 
 
 def check_name(name: str) -> str:
@@ -283,14 +308,7 @@ class Registry:
         return version
 
     def max_rank(self) -> int:
-        """The largest LoRA rank in the registry, so a server reserves no more than it needs."""
-        ranks = [
-            record["lora"].get("r", 0)
-            for entry in self.load()["adapters"].values()
-            for record in entry["versions"].values()
-            if record["kind"] == "adapter"
-        ]
-        return max(ranks, default=0)
+        return max_lora_rank(self.load())
 
     def lineage(self, ref: str) -> list[AdapterVersion]:
         """The version and its ancestors, oldest first."""

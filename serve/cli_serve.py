@@ -34,15 +34,14 @@ def serve(
     """Serve the base and every registry adapter (NAME, NAME@V, NAME@ALIAS) through vLLM's OpenAI API."""
     from rich.console import Console
 
-    from hub.registry import Registry
     from serve.launcher import start_server
 
     console = Console()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, _stop_serving)  # also where a parent shell left SIGINT ignored
-    registry = Registry(ctx.find_root().obj.get("registry"))
+    registry = ctx.find_root().obj.get("registry")
     server = start_server(
-        registry.path,
+        registry,
         base,
         port,
         host=host,
@@ -67,7 +66,7 @@ def serve(
         with console.status("waiting for the engine (polling /health) ..."):
             server.wait_ready(ready_timeout)
         names = [name for name in server.models() if name != server.base_name and "@" not in name]
-        console.print(f"[green]serving[/] {server.url}  (OpenAI base_url; registry {registry.path})")
+        console.print(f"[green]serving[/] {server.url}  (OpenAI base_url; registry {settings.registry})")
         console.print(f"  base:     {server.base_name}")
         console.print(f"  adapters: {', '.join(names) or 'none yet (published ones are picked up without a restart)'}")
         console.print("  address a version as NAME@V or NAME@ALIAS; GET /v1/models lists them all. Ctrl-C stops.")

@@ -3,7 +3,8 @@
 `start_server(registry, base)` builds the command line and environment, starts
 `python -m vllm.entrypoints.openai.api_server` in its own process group, and returns a `VLLMServer`
 whose `wait_ready()` polls `/health` until the engine answers. The registry location reaches the
-server's processes through LORAFLOW_REGISTRY, where the `serve.resolver` vLLM plugin reads it.
+server's processes through LORAFLOW_REGISTRY, where the `serve.resolver` vLLM plugin reads it: a file,
+or the URL of a `loraflow hub serve` that replicas on other machines share.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import httpx
 
 from hub.base import BaseModel, resolve_base
 from hub.errors import LoraflowError
-from hub.registry import Registry
+from hub.registry import Registry, is_registry_url, registry_location
+from serve.naming import open_registry_view
 
 # The ranks vLLM 0.32 accepts for --max-lora-rank (vllm/config/lora.py MaxLoRARanks).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -67,7 +69,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerSettings:
     """Everything that shapes one vLLM server; the defaults fit a 2-core CPU machine."""
 
-    registry: Path
+    registry: str  # a registry file, or the URL of a `loraflow hub serve`
     base: BaseModel
     host: str = "127.0.0.1"
     port: int | None = None
@@ -92,7 +94,7 @@ class ServerSettings:
         return self.quantization
 
     def resolved_lora_rank(self) -> int:
-        return self.max_lora_rank or lora_rank_for(Registry(self.registry).max_rank())
+        return self.max_lora_rank or lora_rank_for(open_registry_view(self.registry, poll_s=0).max_rank())
 
     def command(self) -> list[str]:
         command = [
@@ -121,7 +123,7 @@ class ServerSettings:
     def environment(self) -> dict[str, str]:
         return {
             **os.environ,
-            "LORAFLOW_REGISTRY": str(Path(self.registry).resolve()),
+            "LORAFLOW_REGISTRY": self.registry,
             "LORAFLOW_ALIAS": self.alias,
             "LORAFLOW_BASE_FINGERPRINT": self.base.fingerprint,
             "LORAFLOW_MAX_LORA_RANK": str(self.resolved_lora_rank()),
@@ -216,7 +218,9 @@ def start_server(
 ) -> VLLMServer:
     """Start vLLM for `base` with every adapter in `registry` addressable by name. Call `.wait_ready()` next."""
     base_model = base if isinstance(base, BaseModel) else resolve_base(base)
-    server_settings = ServerSettings(registry=Registry(registry).path, base=base_model, port=port, **settings)
+    location = registry_location(registry)
+    location = location if is_registry_url(location) else str(Registry(location).path)
+    server_settings = ServerSettings(registry=location, base=base_model, port=port, **settings)
     server_settings.port = server_settings.port or free_port(server_settings.host)
     log_path = server_settings.log_path or Path(tempfile.mkstemp(prefix="loraflow-vllm-", suffix=".log")[1])
     with open(log_path, "ab") as log:

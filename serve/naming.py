@@ -2,6 +2,7 @@
 
 `LiveRegistry` re-reads the registry file only when its inode, size or mtime changed (the registry
 replaces the file atomically on every write), so resolving a name per request costs one stat().
+`serve.remote_registry.RemoteRegistry` answers the same questions for a registry served by URL.
 """
 
 from __future__ import annotations
@@ -10,9 +11,18 @@ import os
 from pathlib import Path
 
 from hub.errors import LoraflowError
-from hub.registry import NAME_PATTERN, AdapterVersion, Registry
+from hub.registry import NAME_PATTERN, AdapterVersion, Registry, is_registry_url, max_lora_rank
 
 SERVABLE_KIND = "adapter"
+
+
+def open_registry_view(location: str, default_alias: str = "latest", poll_s: float | None = None) -> "LiveRegistry":
+    """The live view of a registry file, or of a `loraflow hub serve` URL (polled every poll_s; 0: on each read)."""
+    if is_registry_url(location):
+        from serve.remote_registry import RemoteRegistry
+
+        return RemoteRegistry(location, default_alias, poll_s)
+    return LiveRegistry(location, default_alias)
 
 
 class LiveRegistry:
@@ -38,6 +48,18 @@ class LiveRegistry:
     @property
     def revision(self) -> int:
         return self.data().get("revision", 0)
+
+    @property
+    def store(self) -> Path:
+        """The folder every adapter this view loads must be inside."""
+        return self.registry.store
+
+    @property
+    def location(self) -> str:
+        return str(self.registry.path)
+
+    def max_rank(self) -> int:
+        return max_lora_rank(self.data())
 
     def resolve(self, model: str) -> AdapterVersion | None:
         """The version `model` names now, or None when it names no servable registry adapter."""
@@ -73,6 +95,7 @@ class LiveRegistry:
         return ids
 
     def folder(self, version: AdapterVersion) -> Path:
+        """The local folder holding `version`; the resolver calls it off the event loop."""
         return self.registry.folder(version)
 
     def unknown_model_message(self, model: str, base_names: list[str]) -> str:

@@ -17,8 +17,9 @@ NAME@V) against the registry file, re-read only when it changed. So:
 - `RegistryLoRAResolver` is the only place that turns a registry record into a LoRARequest, after the
   path guard, the safetensors-only check, the sha256 check and the base-fingerprint check.
 On the CPU it also installs `serve.punica_cpu`, a faster multi-LoRA path (LORAFLOW_FAST_CPU_LORA=0 turns it off).
-Two small wraps complete it: `/v1/models` lists every registry name, and a 404 lists what exists (a
-refused adapter gets a 400 with the reason instead).
+Small wraps complete it: `/v1/models` lists every registry name, a 404 lists what exists (a refused
+adapter gets a 400 with the reason instead), and `/v1/loraflow/adapters` shows which versions the engine
+holds now. LORAFLOW_REGISTRY may also be the URL of a `loraflow hub serve` (`serve.remote_registry`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import functools
 import os
 from http import HTTPStatus
 
+from fastapi import FastAPI, Request  # at module level: FastAPI reads the route's annotations from here
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from hub.errors import LoraflowError
-from serve.naming import LiveRegistry, check_servable
+from serve.naming import LiveRegistry, check_servable, open_registry_view
 
 RESOLVER_NAME = "loraflow registry"
 _request_pins: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraflow_request_pins", default=None)
@@ -41,8 +43,8 @@ _request_pins: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lor
 
 @functools.cache
 def live_registry() -> LiveRegistry | None:
-    path = os.environ.get("LORAFLOW_REGISTRY")
-    return LiveRegistry(path, os.environ.get("LORAFLOW_ALIAS", "latest")) if path else None
+    location = os.environ.get("LORAFLOW_REGISTRY")
+    return open_registry_view(location, os.environ.get("LORAFLOW_ALIAS", "latest")) if location else None
 
 
 class RegistryLoRAResolver(LoRAResolver):
@@ -58,10 +60,10 @@ class RegistryLoRAResolver(LoRAResolver):
         version = self.live.resolve(pin(self.live, lora_name))
         if version is None:
             return None
-        folder = self.live.folder(version)
         try:
-            # Hashing reads the weights; keep the event loop serving other requests meanwhile.
-            await asyncio.to_thread(check_servable, version, folder, self.live.registry.store, self.base_fingerprint, self.max_rank)
+            # Downloading (from a registry URL) and hashing take time; keep the event loop serving meanwhile.
+            folder = await asyncio.to_thread(self.live.folder, version)
+            await asyncio.to_thread(check_servable, version, folder, self.live.store, self.base_fingerprint, self.max_rank)
         except LoraflowError as error:
             self.refusals[lora_name] = str(error)
             return None
@@ -151,6 +153,40 @@ def _install_serving_wraps(live: LiveRegistry, resolver: RegistryLoRAResolver) -
     OpenAIServingModels.__init__ = __init__
     OpenAIServingModels.show_available_models = show_available_models
     BaseServing._check_model = _check_model
+    _install_adapters_route(live)
+
+
+def _install_adapters_route(live: LiveRegistry) -> None:
+    """GET /v1/loraflow/adapters: each version this server has resolved, and whether the engine holds it now.
+
+    The engine keeps at most --max-cpu-loras adapters and evicts the least recently used one to load
+    another; an evicted version stays resolved and is loaded again by its next request.
+    """
+    from vllm.entrypoints.serve.lora import api_router
+
+    original_attach = api_router.attach_router
+
+    async def adapters(raw_request: Request) -> dict:
+        engine = raw_request.app.state.engine_client
+        resident = await engine.list_loras()
+        lora_config = engine.vllm_config.lora_config
+        resolved = dict.items(raw_request.app.state.openai_serving_models.lora_requests)
+        return {
+            "registry": live.location,
+            "max_loras": lora_config.max_loras if lora_config else 0,
+            "max_cpu_loras": lora_config.max_cpu_loras if lora_config else 0,
+            "adapters": [
+                {"model": model, "lora_int_id": request.lora_int_id, "loaded": request.lora_int_id in resident}
+                for model, request in sorted(resolved, key=lambda item: item[1].lora_int_id)
+            ],
+        }
+
+    @functools.wraps(original_attach)
+    def attach_router(app: FastAPI) -> None:
+        original_attach(app)
+        app.add_api_route("/v1/loraflow/adapters", adapters, methods=["GET"])
+
+    api_router.attach_router = attach_router
 
 
 def register() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from hub.base import BaseModel
 from hub.errors import LoraflowError
@@ -86,6 +86,20 @@ def create_app(registry: Registry, base: BaseModel, access: HubAccess, inline_ma
     @app.get("/api/loraflow/health")
     def health():
         return {"status": "ok", "registry_revision": registry.revision, "namespace": NAMESPACE}
+
+    @app.get("/api/loraflow/registry")
+    def registry_metadata(request: Request):
+        """The registry's metadata (names, versions, aliases, sha256s, bases), for serving replicas to mirror.
+
+        Its ETag is the registry revision, so a replica polling with If-None-Match gets a bodiless 304 until a
+        publish. The adapter files themselves are fetched through the Hub routes and checked against the sha256s.
+        """
+        need_read(request)
+        data = registry.load()
+        etag = f'"{data.get("revision", 0)}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"ETag": etag})
+        return JSONResponse(data, headers={"ETag": etag, "Cache-Control": "no-cache"})
 
     @app.get("/api/whoami-v2")
     def whoami(request: Request):

@@ -5,12 +5,14 @@ The server runs as the real `loraflow hub serve` command on 127.0.0.1. Its inlin
 adapter weights go through the Git LFS batch API while the small files go inline in the commit: both upload
 paths are exercised.
 
+vLLM's Hub resolver class is driven directly here; a running vLLM replica that reads this server by URL is
+tested in tests/serve/test_serve_remote.py.
+
 What these tests do not cover of huggingface.co's behaviour:
 - the Xet storage protocol (the server answers Xet requests with 501; clients set HF_HUB_DISABLE_XET=1 for
   files above the inline limit) and multipart LFS transfers;
 - git access (clone, push), pull requests, discussions, gated repos, organisations and user accounts,
   repo settings, deletion of repos, dataset and Space repos, commit history (list_repo_commits);
-- a running vLLM engine: the resolver class is driven directly here (a served replica is the serving tests' job);
 - redirects of LFS downloads to a CDN, and the real Hub's rate limits and error texts beyond the headers
   huggingface_hub parses (X-Error-Code, X-Error-Message).
 """
@@ -20,10 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -32,61 +32,7 @@ import pytest
 from hub.adapters import sha256_file
 from hub.registry import Registry
 from tests.conftest import REPO, make_adapter, run_loraflow
-
-WRITE_TOKEN = "hf_loraflow_test_write_token"
-READ_TOKEN = "hf_loraflow_test_read_token"
-INLINE_LIMIT_MB = "0.004"  # about 4 KB: the tiny adapter's weights go through LFS, its JSON inline
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class HubServer:
-    """A `loraflow hub serve` subprocess with its registry, endpoint and log."""
-
-    def __init__(self, root: Path, base_path: Path, *extra: str):
-        self.root = root
-        self.registry = Registry(root / "registry.json")
-        self.endpoint = f"http://127.0.0.1:{_free_port()}"
-        tokens = root / "tokens.txt"
-        tokens.write_text(f"{WRITE_TOKEN}\n{READ_TOKEN} read\n")
-        self.log = open(root / "server.log", "w")
-        port = self.endpoint.rsplit(":", 1)[1]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hub.cli", "--registry", str(self.registry.path), "hub", "serve", "--port", port,
-             "--base", str(base_path), "--tokens", str(tokens), "--inline-limit-mb", INLINE_LIMIT_MB, *extra],
-            cwd=REPO,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "LORAFLOW_HUB_TOKEN": ""},
-        )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"hub serve exited with {self.process.returncode}:\n{self.log_text()}")
-            try:
-                if httpx.get(f"{self.endpoint}/api/loraflow/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"hub serve did not answer within {timeout_s}s:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return (self.root / "server.log").read_text()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self.log.close()
-
+from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer
 
 @pytest.fixture(scope="module")
 def hub_server(tiny_base, tmp_path_factory):
