@@ -44,6 +44,7 @@ class RemoteRegistry(LiveRegistry):
         self._poller: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.stopped = threading.Event()
+        self.reachable = True  # the last poll's outcome
 
     @property
     def store(self) -> Path:
@@ -90,17 +91,16 @@ class RemoteRegistry(LiveRegistry):
         self._etag = response.headers.get("etag")
 
     def _poll(self) -> None:
-        failing = False
         while not self.stopped.wait(self.poll_s):
             try:
                 self.refresh()
-                if failing:
+                if not self.reachable:
                     logger.warning("registry %s reachable again", self.url)
-                failing = False
+                self.reachable = True
             except LoraflowError as error:
-                if not failing:
+                if self.reachable:
                     logger.warning("%s; serving the registry as last mirrored", error)
-                failing = True
+                self.reachable = False
 
     def folder(self, version: AdapterVersion) -> Path:
         from hub.hf import pull_to_cache

@@ -90,7 +90,7 @@ def test_remote_view_mirrors_publishes_and_checks_downloads(hub, base, tmp_path)
         view.stopped.set()
 
 
-def test_remote_view_errors_say_what_to_do(base, tmp_path):
+def test_remote_view_errors_say_what_to_do_and_outlive_the_hub(base, tmp_path):
     from hub.registry import Registry
     from serve.remote_registry import RemoteRegistry
 
@@ -104,8 +104,16 @@ def test_remote_view_errors_say_what_to_do(base, tmp_path):
                 RemoteRegistry(private.endpoint, poll_s=0).data()
             patch.setenv("HF_TOKEN", READ_TOKEN)
             assert RemoteRegistry(private.endpoint, poll_s=0).data()["adapters"] == {}
+            private.registry.publish(make_adapter(base, tmp_path / "kept", seed=14), "kept", base=base)
+            view = RemoteRegistry(private.endpoint, poll_s=0.05, cache_dir=tmp_path / "cache")
+            assert view.pinned("kept") == "kept@1"
     finally:
         private.stop()
+    try:
+        wait_until(lambda: not view.reachable, "the poller did not notice the hub going away")
+        assert view.pinned("kept") == "kept@1", "a replica keeps serving the registry as last mirrored"
+    finally:
+        view.stopped.set()
     with pytest.raises(LoraflowError, match="loraflow push"):
         Registry("http://127.0.0.1:9")
 
