@@ -222,6 +222,7 @@ def start_server(
     location = location if is_registry_url(location) else str(Registry(location).path)
     server_settings = ServerSettings(registry=location, base=base_model, port=port, **settings)
     server_settings.port = server_settings.port or free_port(server_settings.host)
+    server_settings.max_lora_rank = server_settings.resolved_lora_rank()  # once: a registry URL costs a fetch
     log_path = server_settings.log_path or Path(tempfile.mkstemp(prefix="loraflow-vllm-", suffix=".log")[1])
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
