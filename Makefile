@@ -7,7 +7,7 @@ VLLM ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM)
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo lint test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ setup: $(STAMP)
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	# The arena's browser test drives Debian's Chromium through Playwright (Playwright's own browser is not
 	# downloaded); the vote tests start a throwaway PostgreSQL server.
 	command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
@@ -35,4 +39,4 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not e2e"
 
 clean:
-	rm -rf $(VENV) registry.json registry.json.lock adapters
+	rm -rf $(VENV) registry.json.lock adapters && git checkout -- registry.json

@@ -19,10 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loraflow.hub.base import resolve_base  # noqa: E402
+from loraflow.hub.registry import Registry  # noqa: E402
+from loraflow.serve.launcher import start_server  # noqa: E402
+
 from bench.serve_throughput import burst, make_adapter  # noqa: E402
-from hub.base import resolve_base  # noqa: E402
-from hub.registry import Registry  # noqa: E402
-from serve.launcher import start_server  # noqa: E402
 
 CHECK_PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is"]
 
@@ -38,7 +39,9 @@ def merge(base, adapter: Path, target: Path) -> Path:
     return target
 
 
-async def measure(url: str, labels: dict[str, str], concurrency: int, tokens: int, rounds: int) -> tuple[dict, list[str]]:
+async def measure(
+    url: str, labels: dict[str, str], concurrency: int, tokens: int, rounds: int
+) -> tuple[dict, list[str]]:
     """tok/s per label (label -> served model), and the greedy answers of the last label's model."""
     from openai import AsyncOpenAI
 
@@ -85,7 +88,9 @@ def main() -> None:
         source = make_adapter(base, scratch / "dominant-src", seed=0, rank=args.rank)
         registry.publish(source, "dominant", base=base)
         rank = max(registry.max_rank(), 8)  # the same --max-lora-rank on both servers
-        ready_a, rates_a, texts_a = serve(registry.path, base, {"base": None, "lora": "dominant"}, args, max_lora_rank=rank)
+        ready_a, rates_a, texts_a = serve(
+            registry.path, base, {"base": None, "lora": "dominant"}, args, max_lora_rank=rank
+        )
 
         started = time.perf_counter()
         merge(base, source, scratch / "merged")
@@ -95,11 +100,22 @@ def main() -> None:
 
     lora, alone, fused = rates_a["lora"], rates_a["base"], rates_b["merged"]
     matching = sum(a == b for a, b in zip(texts_a, texts_b))
-    print(f"concurrency={args.concurrency} tokens={args.tokens} rounds={args.rounds} rank={args.rank} extra={args.vllm_args}")
-    print(f"dominant adapter via LoRA: {lora:.1f} tok/s; base alone: {alone:.1f} tok/s; ratio lora/base {lora / alone:.2f}")
-    print(f"merged into base: {fused:.1f} tok/s; ratio merged/lora-adapter {fused / lora:.2f}; merged/base {fused / alone:.2f}")
-    print(f"merge took {merge_s:.1f}s, merged server ready in {ready_b:.1f}s (server A: {ready_a:.1f}s), "
-          "a restart per new version (compare bench/serve_swap_latency.py for a hot-swap)")
+    print(
+        f"concurrency={args.concurrency} tokens={args.tokens} rounds={args.rounds} rank={args.rank} "
+        f"extra={args.vllm_args}"
+    )
+    print(
+        f"dominant adapter via LoRA: {lora:.1f} tok/s; base alone: {alone:.1f} tok/s; ratio lora/base "
+        f"{lora / alone:.2f}"
+    )
+    print(
+        f"merged into base: {fused:.1f} tok/s; ratio merged/lora-adapter {fused / lora:.2f}; merged/base "
+        f"{fused / alone:.2f}"
+    )
+    print(
+        f"merge took {merge_s:.1f}s, merged server ready in {ready_b:.1f}s (server A: {ready_a:.1f}s), "
+        "a restart per new version (compare bench/serve_swap_latency.py for a hot-swap)"
+    )
     print(f"greedy answers matching: {matching}/{len(CHECK_PROMPTS)}")
     for a, b in zip(texts_a, texts_b):
         if a != b:

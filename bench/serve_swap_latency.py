@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loraflow.hub.base import resolve_base  # noqa: E402
+from loraflow.hub.registry import Registry  # noqa: E402
+from loraflow.serve.launcher import start_server  # noqa: E402
+
 from bench.serve_throughput import make_adapter  # noqa: E402
-from hub.base import resolve_base  # noqa: E402
-from hub.registry import Registry  # noqa: E402
-from serve.launcher import start_server  # noqa: E402
 
 NAME = "swap"
 PROMPT = "Tell me about the sea."
@@ -42,7 +43,9 @@ async def run(url: str, registry: Registry, base, sources: list[Path], rate: flo
     async def one():
         started = time.perf_counter()
         try:
-            stream = await client.completions.create(model=NAME, prompt=PROMPT, max_tokens=tokens, temperature=0, stream=True)
+            stream = await client.completions.create(
+                model=NAME, prompt=PROMPT, max_tokens=tokens, temperature=0, stream=True
+            )
             first = None
             async for chunk in stream:
                 if first is None:
@@ -97,10 +100,16 @@ def main() -> None:
             result = asyncio.run(run(server.url, registry, base, sources, args.rate, args.tokens))
     latencies = result["latencies"]
     usual = 0.5 / args.rate + statistics.median(result["ttft"])
-    print(f"{args.rate:g} streaming requests/s of {args.tokens} tokens, {args.swaps} publishes: {result['ok']} requests ok, {result['failed']} failed")
+    print(
+        f"{args.rate:g} streaming requests/s of {args.tokens} tokens, {args.swaps} publishes: {result['ok']} requests "
+        f"ok, {result['failed']} failed"
+    )
     print("publish -> first token of the new version: " + ", ".join(f"{s * 1000:.0f} ms" for s in latencies))
-    print(f"median {statistics.median(latencies) * 1000:.0f} ms, worst {max(latencies) * 1000:.0f} ms; "
-          f"usual wait for a first token at this load {usual * 1000:.0f} ms; ratio swap/usual {statistics.median(latencies) / usual:.2f}")
+    print(
+        f"median {statistics.median(latencies) * 1000:.0f} ms, worst {max(latencies) * 1000:.0f} ms; "
+        f"usual wait for a first token at this load {usual * 1000:.0f} ms; ratio swap/usual "
+        f"{statistics.median(latencies) / usual:.2f}"
+    )
 
 
 if __name__ == "__main__":

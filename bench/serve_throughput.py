@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hub.base import resolve_base  # noqa: E402
-from hub.registry import Registry  # noqa: E402
-from serve.launcher import start_server  # noqa: E402
+from loraflow.hub.base import resolve_base  # noqa: E402
+from loraflow.hub.registry import Registry  # noqa: E402
+from loraflow.serve.launcher import start_server  # noqa: E402
 
 PROMPT = "Write a short story about a ship that sails to a distant island."
 
@@ -57,7 +57,10 @@ async def measure(url: str, base_name: str, adapters: list[str], concurrency: in
     await burst(client, [base_name] + adapters, 4)  # load every adapter and warm the engine
     totals = {"base": [0, 0.0], "mixed": [0, 0.0]}
     for _ in range(rounds):
-        for label, models in (("base", [base_name] * concurrency), ("mixed", [adapters[i % len(adapters)] for i in range(concurrency)])):
+        for label, models in (
+            ("base", [base_name] * concurrency),
+            ("mixed", [adapters[i % len(adapters)] for i in range(concurrency)]),
+        ):
             count, seconds = await burst(client, models, tokens)
             totals[label][0] += count
             totals[label][1] += seconds
@@ -85,14 +88,24 @@ def main() -> None:
             folder = make_adapter(base, Path(scratch) / f"src{index}", seed=index, rank=args.rank)
             names.append(registry.publish(folder, f"bench{index}", base=base).name)
         server = start_server(
-            registry.path, base, api_key="bench", max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, extra_args=args.vllm_args
+            registry.path,
+            base,
+            api_key="bench",
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            extra_args=args.vllm_args,
         )
         rank = server.settings.resolved_lora_rank()
         with server:
             server.wait_ready()
-            rates = asyncio.run(measure(server.url, server.base_name, names, args.concurrency, args.tokens, args.rounds))
+            rates = asyncio.run(
+                measure(server.url, server.base_name, names, args.concurrency, args.tokens, args.rounds)
+            )
     fast = os.environ.get("LORAFLOW_FAST_CPU_LORA", "1") != "0"
-    settings = f"grouped CPU LoRA path={fast} max_loras={args.max_loras} max_lora_rank={rank} rank={args.rank} extra={args.vllm_args}"
+    settings = (
+        f"grouped CPU LoRA path={fast} max_loras={args.max_loras} max_lora_rank={rank} rank={args.rank} "
+        f"extra={args.vllm_args}"
+    )
     print(f"{settings}")
     print(f"base alone: {rates['base']:.1f} tok/s   {args.adapters} adapters mixed: {rates['mixed']:.1f} tok/s")
     print(f"ratio (adapters / base): {rates['mixed'] / rates['base']:.2f}")

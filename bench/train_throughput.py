@@ -22,16 +22,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SETTINGS = dict(per_device_train_batch_size=8, max_length=128, eval_split=0.0, num_train_epochs=1.0, lr_scheduler_type="constant", warmup_ratio=0.0)
+SETTINGS = dict(
+    per_device_train_batch_size=8,
+    max_length=128,
+    eval_split=0.0,
+    num_train_epochs=1.0,
+    lr_scheduler_type="constant",
+    warmup_ratio=0.0,
+)
 
 
 def run_ours(data: Path, base_spec: str, workdir: Path, bf16: bool = False) -> tuple[float, float]:
-    from hub.registry import Registry
-    from hub.training import run_training
-    from plugins.lora import LoraTrainingConfig
+    from loraflow.hub.registry import Registry
+    from loraflow.hub.training import run_training
+    from loraflow.plugins.lora import LoraTrainingConfig
 
     start = time.perf_counter()
-    version = run_training("lora", data=data, name="bench", base_spec=base_spec, registry=Registry(workdir / "registry.json"), config=LoraTrainingConfig(**SETTINGS, bf16=bf16))
+    version = run_training(
+        "lora",
+        data=data,
+        name="bench",
+        base_spec=base_spec,
+        registry=Registry(workdir / "registry.json"),
+        config=LoraTrainingConfig(**SETTINGS, bf16=bf16),
+    )
     return version.metrics["train_runtime_s"], time.perf_counter() - start
 
 
@@ -39,11 +53,10 @@ def run_plain(data: Path, base_spec: str, workdir: Path, bf16: bool = False, **e
     """What a user writes with TRL alone, with the settings our trainer passes."""
     import torch
     from datasets import Dataset
+    from loraflow.hub.base import resolve_base
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    from hub.base import resolve_base
 
     start = time.perf_counter()
     path = resolve_base(base_spec).path
@@ -53,14 +66,33 @@ def run_plain(data: Path, base_spec: str, workdir: Path, bf16: bool = False, **e
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
         args=SFTConfig(
-            output_dir=str(workdir / "plain"), learning_rate=2e-4, lr_scheduler_type="constant", num_train_epochs=1,
-            per_device_train_batch_size=8, max_length=128, completion_only_loss=True, seed=42, logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, gradient_checkpointing=False,
-            dataloader_pin_memory=False, bf16=bf16, **extra,
+            output_dir=str(workdir / "plain"),
+            learning_rate=2e-4,
+            lr_scheduler_type="constant",
+            num_train_epochs=1,
+            per_device_train_batch_size=8,
+            max_length=128,
+            completion_only_loss=True,
+            seed=42,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=True,
+            gradient_checkpointing=False,
+            dataloader_pin_memory=False,
+            bf16=bf16,
+            **extra,
         ),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+        peft_config=LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            task_type="CAUSAL_LM",
+        ),
     )
     runtime = trainer.train().metrics["train_runtime"]
     trainer.model.save_pretrained(workdir / "plain-adapter")
@@ -68,9 +100,8 @@ def run_plain(data: Path, base_spec: str, workdir: Path, bf16: bool = False, **e
 
 
 def count_tokens(data: Path, base_spec: str) -> int:
+    from loraflow.hub.base import resolve_base
     from transformers import AutoTokenizer
-
-    from hub.base import resolve_base
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_spec).path)
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
@@ -105,19 +136,31 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for round_index in range(args.rounds):
             # Reversed every other round, so no runner always goes first.
-            for name in (list(runners) if round_index % 2 == 0 else list(reversed(list(runners)))):
+            for name in list(runners) if round_index % 2 == 0 else list(reversed(list(runners))):
                 results[name].append(runners[name]())
-                print(f"  round {round_index + 1} {name}: training loop {results[name][-1][0]:.2f} s, whole call {results[name][-1][1]:.2f} s", flush=True)
+                print(
+                    f"  round {round_index + 1} {name}: training loop {results[name][-1][0]:.2f} s, whole call "
+                    f"{results[name][-1][1]:.2f} s",
+                    flush=True,
+                )
         results["plain TRL bf16 + packing"] = [run_plain(data, args.base, workdir, bf16=True, packing=True)]
-        print(f"{tokens} tokens per run ({args.examples} examples, batch 8, one epoch), {args.rounds} alternating rounds")
+        print(
+            f"{tokens} tokens per run ({args.examples} examples, batch 8, one epoch), {args.rounds} alternating rounds"
+        )
         loop = {name: tokens / statistics.median(r[0] for r in runs) for name, runs in results.items()}
         whole = {name: tokens / statistics.median(r[1] for r in runs) for name, runs in results.items()}
         for name in results:
             print(f"  {name:22s} training loop {loop[name]:8.1f} tok/s   whole call {whole[name]:8.1f} tok/s")
         for ours, plain in (("loraflow lora", "plain TRL"), ("loraflow lora --bf16", "plain TRL bf16")):
-            print(f"ratio {ours} / {plain}: training loop {loop[ours] / loop[plain]:.3f}x, whole call {whole[ours] / whole[plain]:.3f}x")
+            print(
+                f"ratio {ours} / {plain}: training loop {loop[ours] / loop[plain]:.3f}x, whole call "
+                f"{whole[ours] / whole[plain]:.3f}x"
+            )
         print(f"ratio bf16/fp32 (loraflow, training loop): {loop['loraflow lora --bf16'] / loop['loraflow lora']:.3f}x")
-        print(f"ratio packing/no packing (plain TRL bf16, training loop): {loop['plain TRL bf16 + packing'] / loop['plain TRL bf16']:.3f}x")
+        print(
+            "ratio packing/no packing (plain TRL bf16, training loop): "
+            f"{loop['plain TRL bf16 + packing'] / loop['plain TRL bf16']:.3f}x"
+        )
 
 
 if __name__ == "__main__":

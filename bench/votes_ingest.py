@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def write_votes(url: str, writer: int, count: int, synchronous: str, start, done) -> None:
-    from serve.votes import Vote, VoteStore
+    from loraflow.arena.votes import Vote, VoteStore
 
     store = VoteStore(url, rate_limit=None, synchronous=synchronous)
     votes = [
@@ -42,7 +42,7 @@ def write_votes(url: str, writer: int, count: int, synchronous: str, start, done
 
 
 def run(writers: int, total: int, synchronous: str) -> dict:
-    from serve.votes import VoteStore
+    from loraflow.arena.votes import VoteStore
 
     folder = Path(tempfile.mkdtemp(prefix="votes-bench-"))
     url = f"sqlite:///{folder / 'votes.db'}"
@@ -50,7 +50,9 @@ def run(writers: int, total: int, synchronous: str) -> dict:
     context = multiprocessing.get_context("spawn")
     start, done = context.Barrier(writers + 1), context.Queue()
     share = total // writers
-    processes = [context.Process(target=write_votes, args=(url, w, share, synchronous, start, done)) for w in range(writers)]
+    processes = [
+        context.Process(target=write_votes, args=(url, w, share, synchronous, start, done)) for w in range(writers)
+    ]
     for process in processes:
         process.start()
     start.wait()
@@ -61,7 +63,14 @@ def run(writers: int, total: int, synchronous: str) -> dict:
     for process in processes:
         process.join()
     stored = VoteStore(url, rate_limit=None).count()
-    return {"writers": writers, "votes": share * writers, "stored": stored, "seconds": elapsed, "votes_per_s": share * writers / elapsed}
+    written = share * writers
+    return {
+        "writers": writers,
+        "votes": written,
+        "stored": stored,
+        "seconds": elapsed,
+        "votes_per_s": written / elapsed,
+    }
 
 
 def main() -> None:
@@ -73,7 +82,8 @@ def main() -> None:
         result = run(args.writers, args.votes, synchronous)
         lost = result["votes"] - result["stored"]
         print(
-            f"synchronous={synchronous:<6} writers={result['writers']} votes={result['votes']} stored={result['stored']} "
+            f"synchronous={synchronous:<6} writers={result['writers']} votes={result['votes']} "
+            f"stored={result['stored']} "
             f"lost_or_doubled={lost} {result['votes_per_s']:.0f} votes/s ({result['seconds']:.2f} s)"
         )
         if lost:

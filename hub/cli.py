@@ -12,31 +12,31 @@ from typing import Optional
 
 import click
 import typer
+from loraflow.hub.base import DEFAULT_BASE
+from loraflow.hub.cli_common import registry_from
+from loraflow.hub.errors import LoraflowError
 from rich.console import Console
 from rich.table import Table
-
-from hub.errors import LoraflowError
 
 console = Console()
 errors = Console(stderr=True)
 
-app = typer.Typer(help="Train, publish, serve, vote on and retrain LoRA adapters for one base model.", no_args_is_help=True)
+app = typer.Typer(
+    help="Train, publish, serve, vote on and retrain LoRA adapters for one base model.", no_args_is_help=True
+)
 base_app = typer.Typer(help="Base models: pull and convert them once into the cache.", no_args_is_help=True)
 plugins_app = typer.Typer(help="Trainer plugins: list what is installed, install more.", no_args_is_help=True)
-registry_app = typer.Typer(help="The adapter registry: versions, lineage, hashes, metrics, aliases.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="The adapter registry: versions, lineage, hashes, metrics, aliases.", no_args_is_help=True
+)
 app.add_typer(base_app, name="base")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(registry_app, name="registry")
 
-from hub.cli_hub import add_hub_commands  # noqa: E402
+
+from loraflow.hub.cli_hub import add_hub_commands  # noqa: E402
 
 add_hub_commands(app)
-
-
-def _registry(ctx: click.Context):
-    from hub.registry import Registry
-
-    return Registry(ctx.find_root().obj.get("registry"))
 
 
 @app.callback()
@@ -53,18 +53,20 @@ def root(
 
 
 @base_app.command("pull")
-def base_pull(name: str = typer.Argument("smollm2-135m", help="Alias, local folder, .gguf file or Hub id.")):
+def base_pull(name: str = typer.Argument(DEFAULT_BASE, help="Alias, local folder, .gguf file or Hub id.")):
     """Resolve a base model to a local safetensors folder and print its fingerprint."""
-    from hub.base import resolve_base
+    from loraflow.hub.base import resolve_base
 
     base = resolve_base(name)
-    console.print(f"[green]base ready[/] {base.name} ({base.hub_id})\n  path: {base.path}\n  fingerprint: {base.fingerprint}")
+    console.print(
+        f"[green]base ready[/] {base.name} ({base.hub_id})\n  path: {base.path}\n  fingerprint: {base.fingerprint}"
+    )
 
 
 @plugins_app.command("list")
 def plugins_list():
     """Show each trainer with its package, version and description, and any plugin that failed to load."""
-    from hub.plugins import get_plugins
+    from loraflow.hub.plugins import get_plugins
 
     plugins = get_plugins()
     table = Table("trainer", "package", "version", "data", "description")
@@ -80,7 +82,9 @@ def plugins_list():
 
 @plugins_app.command("install")
 def plugins_install(
-    spec: list[str] = typer.Argument(..., help="A package name, requirement, wheel or folder; pip options may follow '--'."),
+    spec: list[str] = typer.Argument(
+        ..., help="A package name, requirement, wheel or folder; pip options may follow '--'."
+    ),
 ):
     """pip-install a plugin into this environment, then confirm its trainers are discovered."""
     before = _discovered_trainers()
@@ -97,7 +101,9 @@ def plugins_install(
 
 def _discovered_trainers() -> list[str]:
     """Ask a fresh interpreter, which sees packages installed after this one started."""
-    code = "import json; from hub.plugins import get_plugins; print(json.dumps(sorted(get_plugins().trainers)))"
+    code = (
+        "import json; from loraflow.hub.plugins import get_plugins; print(json.dumps(sorted(get_plugins().trainers)))"
+    )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -105,36 +111,78 @@ def _discovered_trainers() -> list[str]:
 @registry_app.command("publish")
 def registry_publish(
     ctx: typer.Context,
-    folder: Path = typer.Argument(..., help="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    folder: Path = typer.Argument(
+        ..., help="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."
+    ),
     name: str = typer.Option(..., "--name", help="Adapter name; the new version is NAME@N."),
-    base: str = typer.Option("smollm2-135m", "--base", help="The base model the adapter was trained on."),
+    base: str = typer.Option(DEFAULT_BASE, "--base", help="The base model the adapter was trained on."),
     parent: Optional[str] = typer.Option(None, "--parent", help="The version it continues from, NAME@V."),
+    promote: bool = typer.Option(
+        False, "--promote", help="Make it the live version (what NAME serves) in the same write."
+    ),
 ):
-    """Publish an adapter trained elsewhere as the next version of NAME."""
-    from hub.base import resolve_base
+    """Publish an adapter trained elsewhere as the next version of NAME (a candidate unless --promote)."""
+    from loraflow.hub.base import resolve_base
 
-    version = _registry(ctx).publish(folder, name, base=resolve_base(base), parent=parent, trainer={"name": "external"})
-    console.print(f"[green]published[/] {version.ref}")
+    version = registry_from(ctx).publish(
+        folder,
+        name,
+        base=resolve_base(base),
+        parent=parent,
+        trainer={"name": "external"},
+        promote=promote,
+        actor="registry publish",
+    )
+    _print_published(version)
+
+
+def _print_published(version) -> None:
+    console.print(f"[green]published[/] {version.ref} ({version.state})")
+    if version.state != "live":
+        console.print(
+            f"  {version.name} still serves the live version; `loraflow promote {version.ref}` makes this one live."
+        )
 
 
 @registry_app.command("list")
 def registry_list(ctx: typer.Context):
-    """Every adapter with its versions and aliases."""
-    registry = _registry(ctx)
-    table = Table("name", "versions", "aliases", "kind", "base", "trainer")
-    for name in registry.names():
-        versions = registry.versions(name)
+    """Every adapter with its versions, their states, and its aliases."""
+    snapshot = registry_from(ctx).snapshot()
+    table = Table("name", "live", "versions (state)", "aliases", "kind", "base", "trainer")
+    for name in snapshot.names():
+        versions = snapshot.versions(name)
+        live = snapshot.live(name)
         latest = versions[-1]
-        aliases = ", ".join(f"{alias}→{v}" for alias, v in sorted(registry.aliases(name).items()))
-        table.add_row(name, ",".join(str(v.version) for v in versions), aliases, latest.kind, latest.base["name"], latest.trainer.get("name", ""))
+        states = ", ".join(f"{v.version} {v.state}" for v in versions)
+        aliases = ", ".join(f"{alias}→{v}" for alias, v in sorted(snapshot.aliases(name).items()))
+        table.add_row(
+            name,
+            live.ref if live else "-",
+            states,
+            aliases,
+            latest.kind,
+            latest.base["name"],
+            latest.trainer.get("name", ""),
+        )
     console.print(table)
-    console.print(f"[dim]{registry.path}[/]")
+    console.print(f"[dim]{snapshot.source}[/]")
+
+
+@registry_app.command("history")
+def registry_history(ctx: typer.Context, name: str = typer.Argument(..., help="The adapter name.")):
+    """Every lifecycle step of NAME: publish, promote, reject, rollback, retire, failed trainings; who and why."""
+    table = Table("time", "action", "version", "replaced", "actor", "reason")
+    for event in registry_from(ctx).history(name):
+        version = f"{name}@{event.version}" if event.version is not None else ""
+        replaced = f"{name}@{event.previous}" if event.previous is not None else ""
+        table.add_row(event.time, event.action, version, replaced, event.actor, event.reason)
+    console.print(table)
 
 
 @registry_app.command("show")
 def registry_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME, NAME@V or NAME@ALIAS.")):
     """Print one version's full record as JSON, with its lineage."""
-    registry = _registry(ctx)
+    registry = registry_from(ctx)
     version = registry.get(ref)
     record = dataclasses.asdict(version)
     record["folder"] = str(registry.folder(version))
@@ -143,10 +191,56 @@ def registry_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME,
 
 
 @registry_app.command("alias")
-def registry_alias(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME@V"), alias: str = typer.Argument(..., help="e.g. production")):
+def registry_alias(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="NAME@V"),
+    alias: str = typer.Argument(..., help="e.g. production"),
+):
     """Point ALIAS at a version."""
-    version = _registry(ctx).set_alias(ref, alias)
+    version = registry_from(ctx).set_alias(ref, alias)
     console.print(f"[green]{version.name}@{alias}[/] → {version.ref}")
+
+
+@registry_app.command("retire")
+def registry_retire(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="NAME@V, not the live version."),
+    reason: str = typer.Option("", "--reason", help="Why, for the history."),
+):
+    """Mark a version done with (no longer a candidate for promotion); NAME@V still reaches it."""
+    version = registry_from(ctx).retire(ref, actor="registry retire", reason=reason)
+    console.print(f"[green]{version.ref}[/] retired")
+
+
+def promote(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="NAME@V (or NAME@ALIAS) to make live."),
+    reason: str = typer.Option("", "--reason", help="Why, for the history."),
+):
+    """Make NAME@V the live version: every server answers NAME with it from the next request, no restart."""
+    registry = registry_from(ctx)
+    before = registry.live(ref.partition("@")[0])
+    version = registry.promote(ref, actor="promote", reason=reason)
+    console.print(
+        f"[green]{version.name}[/] → {version.ref} (live)"
+        + (f", was {before.ref}" if before and before.ref != version.ref else "")
+    )
+
+
+def rollback(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The adapter name."),
+    reason: str = typer.Option("", "--reason", help="Why, for the history."),
+):
+    """Reject the live version and make the one it replaced live again; servers switch with no restart."""
+    registry = registry_from(ctx)
+    before = registry.live(name)
+    version = registry.rollback(name, actor="rollback", reason=reason)
+    console.print(f"[green]{name}[/] → {version.ref} (live); {before.ref if before else '?'} rejected")
+
+
+app.command("promote")(promote)
+app.command("rollback")(rollback)
 
 
 @registry_app.command("rm")
@@ -154,7 +248,7 @@ def registry_rm(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME@V"
     """Remove one version and its files."""
     if "@" not in ref:
         raise LoraflowError(f"give the exact version to remove, e.g. {ref}@1")
-    version = _registry(ctx).remove(ref)
+    version = registry_from(ctx).remove(ref)
     console.print(f"[green]removed[/] {version.ref}")
 
 
@@ -162,12 +256,12 @@ class TrainGroup(click.Group):
     """`loraflow train TRAINER`: one subcommand per installed trainer, its options built from its config."""
 
     def list_commands(self, ctx):
-        from hub.plugins import get_plugins
+        from loraflow.hub.plugins import get_plugins
 
         return sorted(get_plugins().trainers)
 
     def get_command(self, ctx, name):
-        from hub.plugins import get_plugins
+        from loraflow.hub.plugins import get_plugins
 
         info = get_plugins().trainers.get(name)
         return _train_command(info) if info else None
@@ -188,13 +282,28 @@ def _train_command(info) -> click.Command:
     config_class = info.trainer_class.config_class
     hints = typing.get_type_hints(config_class)
     params = [
-        click.Option(["--data"], required=True, type=click.Path(dir_okay=False), help=f"JSONL file of {info.trainer_class.data_format} examples."),
+        click.Option(
+            ["--data"],
+            required=True,
+            type=click.Path(dir_okay=False),
+            help=f"JSONL file of {info.trainer_class.data_format} examples.",
+        ),
         click.Option(["--name"], required=True, help="Adapter name; the result is published as NAME@N."),
-        click.Option(["--base"], default="smollm2-135m", show_default=True, help="Base model: alias, folder, .gguf or Hub id."),
+        click.Option(
+            ["--base"], default=DEFAULT_BASE, show_default=True, help="Base model: alias, folder, .gguf or Hub id."
+        ),
         click.Option(["--parent"], default=None, help="Continue from this registry version (NAME@V)."),
-        click.Option(["--config", "config_file"], default=None, type=click.Path(dir_okay=False), help="YAML file of hyperparameters; flags override it."),
+        click.Option(
+            ["--promote"], is_flag=True, help="Make the new version live (what NAME serves) when it is published."
+        ),
+        click.Option(
+            ["--config", "config_file"],
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="YAML file of hyperparameters; flags override it.",
+        ),
     ]
-    from hub.training import config_fields
+    from loraflow.hub.training import config_fields
 
     for field in config_fields(config_class):
         param_type, _ = _click_type(hints[field.name])
@@ -209,25 +318,43 @@ def _train_command(info) -> click.Command:
             )
         )
 
-    def callback(data, name, base, parent, config_file, **overrides):
-        from hub.training import load_config, run_training
+    def callback(data, name, base, parent, promote, config_file, **overrides):
+        from loraflow.hub.training import load_config, run_training
 
         config = load_config(config_class, config_file, overrides)
+        registry = registry_from(click.get_current_context())
         version = run_training(
-            info.name, data=data, name=name, base_spec=base, registry=_registry(click.get_current_context()), config=config, parent=parent
+            info.name,
+            data=data,
+            name=name,
+            base_spec=base,
+            registry=registry,
+            config=config,
+            parent=parent,
+            promote=promote,
+            actor=f"train {info.name}",
         )
-        console.print(f"[green]published[/] {version.ref}")
+        _print_published(version)
         console.print_json(json.dumps({"metrics": version.metrics, "path": version.path, "parent": version.parent}))
 
-    return click.Command(info.name, params=params, callback=callback, help=f"{info.description}\n\nFrom {info.source.package} {info.source.version}.")
+    return click.Command(
+        info.name,
+        params=params,
+        callback=callback,
+        help=f"{info.description}\n\nFrom {info.source.package} {info.source.version}.",
+    )
 
 
 def build_cli():
     """The root command: our Typer app, the per-trainer `train` group, and commands that plugins register."""
-    from hub.plugins import get_plugins
+    from loraflow.hub.plugins import get_plugins
 
     command = typer.main.get_command(app)
-    command.add_command(TrainGroup(name="train", help="Train an adapter with an installed trainer and publish it.", no_args_is_help=True))
+    command.add_command(
+        TrainGroup(
+            name="train", help="Train an adapter with an installed trainer and publish it.", no_args_is_help=True
+        )
+    )
     get_plugins().manager.hook.register_commands(cli=command)
     return command
 

@@ -10,127 +10,28 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
-from huggingface_hub import ModelCard, ModelCardData
+from loraflow.hub.adapters import PICKLE_SUFFIXES, adapter_files, copy_adapter_files, verify_hashes
+from loraflow.hub.base import BaseModel
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.hub_protocol import (
+    HEALTH_ROUTE,
+    LIVE_BRANCH,
+    NAMESPACE,
+    build_adapter_card,
+    card_metadata,
+    version_branch,
+    version_of_branch,
+)
+from loraflow.hub.hub_protocol import write_adapter_card as write_adapter_card  # trainers import it from here
 
-from hub.adapters import PICKLE_SUFFIXES, verify_hashes
-from hub.base import BaseModel
-from hub.errors import LoraflowError
-
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ name }}{% if version %} (v{{ version }}){% endif %}
-
-A LoRA adapter for [{{ base_id }}](https://huggingface.co/{{ base_id }}), trained with the loraflow
-`{{ trainer.name }}` trainer{% if trainer.package %} ({{ trainer.package }} {{ trainer.version }}){% endif %}.
-
-## Lineage
-{% if lineage %}{% for ref in lineage %}{{ ref }}{% if not loop.last %} → {% endif %}{% endfor %}
-{% elif parent %}Continues from `{{ parent }}`.
-{% else %}Trained from the base model.
-{% endif %}
-## Data
-{% for key, value in data_summary.items() %}- {{ key }}: {{ value }}
-{% endfor %}
-## Hyperparameters
-{% for key, value in config.items() %}- {{ key }}: {{ value }}
-{% endfor %}
-## Metrics
-{% for key, value in metrics.items() %}- {{ key }}: {{ value }}
-{% endfor %}
-{% if loss_curve %}## Loss curve
-
-![loss curve]({{ loss_curve }})
-{% endif %}
-## Use
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{{ base_id }}"), "{{ location }}"{% if revision %}, revision="{{ revision }}"{% endif %})
-```
-"""
-
-
-def build_adapter_card(
-    adapter_dir: Path,
-    *,
-    name: str,
-    base: BaseModel | dict,
-    trainer: dict,
-    config: dict,
-    metrics: dict,
-    parent: str | None,
-    data_summary: dict,
-    version: int | None = None,
-    lineage: list[str] | None = None,
-    repo_id: str | None = None,
-) -> ModelCard:
-    """The card's metadata carries base_model, library_name and tags for the Hub, and a `loraflow` block
-    (trainer, hyperparameters, metrics, lineage) that `loraflow pull` and the hub server read back."""
-    base_id = base.hub_id if isinstance(base, BaseModel) else base["hub_id"]
-    metrics = {key: round(value, 4) if isinstance(value, float) else value for key, value in metrics.items()}
-    method = trainer.get("name", "lora")
-    card_data = ModelCardData(
-        base_model=base_id,
-        library_name="peft",
-        pipeline_tag="text-generation",
-        tags=list(dict.fromkeys(["loraflow", "lora", method])),
-        model_name=name,
-        loraflow={
-            "name": name,
-            "version": version,
-            "trainer": trainer,
-            "parent": parent,
-            "lineage": lineage or ([parent] if parent else []),
-            "hyperparameters": config,
-            "data": data_summary,
-            "metrics": metrics,
-        },
-    )
-    loss_curve = "loss_curve.png" if (Path(adapter_dir) / "loss_curve.png").is_file() else None
-    return ModelCard.from_template(
-        card_data,
-        template_str=CARD_TEMPLATE,
-        name=name,
-        version=version,
-        base_id=base_id,
-        trainer=trainer,
-        parent=parent,
-        lineage=lineage,
-        data_summary=data_summary,
-        config=config,
-        metrics=metrics,
-        loss_curve=loss_curve,
-        location=repo_id or f"path/to/{name}",
-        revision=f"v{version}" if repo_id and version else None,
-    )
-
-
-def write_adapter_card(adapter_dir: Path, **details) -> Path:
-    """Write README.md (the model card) into the adapter folder."""
-    path = Path(adapter_dir) / "README.md"
-    build_adapter_card(adapter_dir, **details).save(path)
-    return path
-
-
-def card_metadata(folder: Path) -> dict:
-    """The `loraflow` block of the folder's model card, or {} when there is none."""
-    readme = Path(folder) / "README.md"
-    if not readme.is_file():
-        return {}
-    try:
-        block = ModelCard.load(readme).data.to_dict().get("loraflow")
-    except Exception:  # a card without valid metadata is still a valid adapter
-        return {}
-    return block if isinstance(block, dict) else {}
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 
 def card_for_version(registry, version, repo_id: str | None = None) -> ModelCard:
@@ -177,9 +78,13 @@ def hub_errors(what: str, endpoint: str) -> Iterator[None]:
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "?"
         hint = " Set HF_TOKEN to a token with write access, or run `hf auth login`." if status in (401, 403) else ""
-        raise LoraflowError(f"{what}: the Hub at {endpoint} answered HTTP {status}: {_server_message(error)}.{hint}") from None
+        raise LoraflowError(
+            f"{what}: the Hub at {endpoint} answered HTTP {status}: {_server_message(error)}.{hint}"
+        ) from None
     except http_client.TransportError as error:
-        raise LoraflowError(f"{what}: cannot reach {endpoint} ({type(error).__name__}). Check HF_ENDPOINT and the network.") from None
+        raise LoraflowError(
+            f"{what}: cannot reach {endpoint} ({type(error).__name__}). Check HF_ENDPOINT and the network."
+        ) from None
 
 
 def _server_message(error) -> str:
@@ -192,16 +97,18 @@ class PushResult:
     revisions: dict[str, str]
 
 
-def push_to_hub(registry, ref: str, repo_id: str, *, private: bool | None = None, endpoint: str | None = None) -> PushResult:
-    """Push NAME@V with a fresh model card.
+def push_to_hub(
+    registry, ref: str, repo_id: str, *, private: bool | None = None, endpoint: str | None = None
+) -> PushResult:
+    """Push NAME, NAME@V or NAME@ALIAS with a fresh model card.
 
-    On a Hub, version V goes to branch vV; pushing an alias (or plain NAME, i.e. latest) also moves main to it.
-    A `loraflow hub serve` endpoint numbers versions itself, so there the push is one commit to main,
-    which becomes that server's next version.
+    On huggingface.co (or any other Hub), version V goes to branch vV; pushing NAME or an alias also moves main.
+    A `loraflow hub serve` endpoint numbers versions itself and keeps its own lifecycle: NAME (the live version)
+    is a commit to main, which the server publishes and promotes; NAME@V becomes a candidate on the server's
+    next vN; NAME@ALIAS becomes a candidate on the alias branch, which then points at it.
     """
     from huggingface_hub import HfApi
-
-    from hub.registry import AdapterRef
+    from loraflow.hub.registry import AdapterRef
 
     adapter_ref = AdapterRef.parse(ref)
     version = registry.get(adapter_ref)
@@ -210,34 +117,58 @@ def push_to_hub(registry, ref: str, repo_id: str, *, private: bool | None = None
     api = HfApi(endpoint=endpoint)
     loraflow_hub = is_loraflow_hub(api.endpoint)
     with hub_errors(repo_id, api.endpoint), tempfile.TemporaryDirectory(prefix="loraflow-push-") as staging:
-        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        copy_adapter_files(folder, Path(staging), adapter_files(folder))  # the publish rules hold for uploads too
         card_for_version(registry, version, repo_id).save(Path(staging) / "README.md")
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if loraflow_hub:
             revisions = _push_to_loraflow_hub(api, repo_id, Path(staging), adapter_ref, version)
         else:
-            revisions = {}
-            for target in [f"v{version.version}"] + ([] if adapter_ref.selector.isdigit() else ["main"]):
-                if target != "main":
-                    api.create_branch(repo_id, branch=target, exist_ok=True)
-                message = f"{version.ref} ({adapter_ref.selector})" if target == "main" else version.ref
-                revisions[target] = _mirror_folder(api, repo_id, Path(staging), target, message)
+            revisions = _push_in_hub_layout(api, repo_id, Path(staging), adapter_ref, version)
     return PushResult(repo_url=str(repo_url), revisions=revisions)
 
 
+def _push_in_hub_layout(api, repo_id: str, staging: Path, adapter_ref, version) -> dict[str, str]:
+    """Branch vN holds version N; main follows what was pushed by name or alias, as a Hub reader expects."""
+    revisions = {}
+    targets = [version_branch(version.version)] + ([] if adapter_ref.selector.isdigit() else [LIVE_BRANCH])
+    for target in targets:
+        if target != LIVE_BRANCH:
+            api.create_branch(repo_id, branch=target, exist_ok=True)
+        message = f"{version.ref} ({adapter_ref.selector})" if target == LIVE_BRANCH else version.ref
+        revisions[target] = _mirror_folder(api, repo_id, staging, target, message)
+    return revisions
+
+
 def _push_to_loraflow_hub(api, repo_id: str, staging: Path, adapter_ref, version) -> dict[str, str]:
-    """One commit: to the pushed alias when the server has it (moving it), else to main; then name the alias."""
+    """One commit: NAME to main (published and promoted), NAME@ALIAS to its branch, anything else to the next vN."""
     from huggingface_hub import constants
+    from loraflow.hub.registry import LIVE
 
     constants.HF_HUB_DISABLE_XET = True  # what HF_HUB_DISABLE_XET=1 sets: the server speaks LFS, not Xet
-    alias = None if adapter_ref.selector.isdigit() or adapter_ref.selector == "latest" else adapter_ref.selector
-    branches = {ref.name for ref in api.list_repo_refs(repo_id).branches} if api.repo_exists(repo_id) else set()
-    target = alias if alias in branches else "main"
-    commit = _mirror_folder(api, repo_id, staging, target, f"{version.ref} ({adapter_ref.selector})")
+    selector = adapter_ref.selector
+    alias = None if selector.isdigit() or selector in ("latest", LIVE) else selector
+    branches = _branches(api, repo_id)
+    if selector == LIVE:
+        target = LIVE_BRANCH
+    elif alias in branches:
+        target = alias
+    else:  # a new alias starts as a candidate on the next vN, then the alias branch is made there
+        numbers = [version_of_branch(branch) or 0 for branch in branches]
+        target = version_branch(max(numbers, default=0) + 1)
+    commit = _mirror_folder(api, repo_id, staging, target, f"{version.ref} ({selector})")
     if alias and alias not in branches:
         api.create_branch(repo_id, branch=alias, revision=commit)
-    number = getattr(api.model_info(repo_id, revision=commit), "loraflow", {}).get("version")
-    return {f"v{number}": commit, target: commit, **({alias: commit} if alias else {})}
+    number = (getattr(api.model_info(repo_id, revision=commit), "loraflow", None) or {}).get("version")
+    return {target: commit, version_branch(number): commit, **({alias: commit} if alias else {})}
+
+
+def _branches(api, repo_id: str) -> set[str]:
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return {ref.name for ref in api.list_repo_refs(repo_id).branches}
+    except RepositoryNotFoundError:  # a loraflow hub makes the repo with its first commit
+        return set()
 
 
 def is_loraflow_hub(endpoint: str) -> bool:
@@ -245,8 +176,8 @@ def is_loraflow_hub(endpoint: str) -> bool:
     from huggingface_hub.utils import get_session
 
     try:
-        response = get_session().get(f"{endpoint.rstrip('/')}/api/loraflow/health", timeout=10)
-        return response.status_code == 200 and response.json().get("namespace") == "loraflow"
+        response = get_session().get(f"{endpoint.rstrip('/')}{HEALTH_ROUTE}", timeout=10)
+        return response.status_code == 200 and response.json().get("namespace") == NAMESPACE
     except Exception:  # any failure means "not a loraflow hub"; the push itself reports real errors
         return False
 
@@ -259,11 +190,13 @@ def _mirror_folder(api, repo_id: str, folder: Path, revision: str, message: str)
     local = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()}
     try:
         remote = set(api.list_repo_files(repo_id, revision=revision))
-    except (RevisionNotFoundError, RepositoryNotFoundError):  # a loraflow hub creates repos and vN with their first commit
+    except (RevisionNotFoundError, RepositoryNotFoundError):  # a loraflow hub makes repos and vN by committing
         remote = set()
-    operations = [CommitOperationAdd(path_in_repo=relative, path_or_fileobj=str(path)) for relative, path in local.items()]
-    operations += [CommitOperationDelete(path_in_repo=stale) for stale in sorted(remote - set(local) - {".gitattributes"})]
-    return api.create_commit(repo_id, operations=operations, commit_message=f"loraflow push {message}", revision=revision).oid
+    stale = sorted(remote - set(local) - {".gitattributes"})
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in local.items()]
+    operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
+    message = f"loraflow push {message}"
+    return api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision).oid
 
 
 def parse_hub_source(source: str) -> tuple[str, str]:
@@ -276,8 +209,7 @@ def parse_hub_source(source: str) -> tuple[str, str]:
 def pull_from_hub(registry, source: str, name: str, *, base: BaseModel, endpoint: str | None = None):
     """Download ORG/REPO[@REV] and publish it as the next version of NAME, with every local publish check."""
     from huggingface_hub import HfApi, snapshot_download
-
-    from hub.registry import check_name
+    from loraflow.hub.registry import check_name
 
     check_name(name)
     repo_id, revision = parse_hub_source(source)
@@ -291,9 +223,16 @@ def pull_from_hub(registry, source: str, name: str, *, base: BaseModel, endpoint
                 "refused. Ask the author for a safetensors adapter (adapter_model.safetensors)."
             )
         with tempfile.TemporaryDirectory(prefix="loraflow-pull-") as cache:
-            folder = Path(
-                snapshot_download(repo_id, revision=info.sha, cache_dir=cache, endpoint=api.endpoint, ignore_patterns=[".gitattributes"])
+            snapshot = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=info.sha,
+                    cache_dir=cache,
+                    endpoint=api.endpoint,
+                    ignore_patterns=[".gitattributes"],
+                )
             )
+            folder = _dereference_snapshot(snapshot, Path(cache) / name)
             card = card_metadata(folder)
             return registry.publish(
                 folder,
@@ -312,16 +251,26 @@ def pull_from_hub(registry, source: str, name: str, *, base: BaseModel, endpoint
             )
 
 
-def pull_to_cache(endpoint: str, name: str, revision: str = "main", cache_dir: str | os.PathLike | None = None) -> Path:
+def _dereference_snapshot(snapshot: Path, target: Path) -> Path:
+    """huggingface_hub's snapshot is links into its blob cache; publish takes regular files, so copy them out."""
+    target.mkdir()
+    for path in snapshot.iterdir():
+        if path.is_dir():
+            raise LoraflowError(f"{path.name}/: the Hub repo holds a folder; an adapter repo holds files only.")
+        shutil.copyfile(path, target / path.name)
+    return target
+
+
+def pull_to_cache(
+    endpoint: str, name: str, revision: str = LIVE_BRANCH, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """Fetch registry adapter NAME at a revision (main, vN, an alias) from a `loraflow hub serve` endpoint.
 
     Returns the local folder. Downloads once per version (huggingface_hub's cache) and checks every file
     against the sha256 the registry recorded at publish time. For serving replicas and resolvers.
     """
     from huggingface_hub import HfApi, snapshot_download
-
-    from hub.base import cache_dir as loraflow_cache
-    from hub.hub_server import NAMESPACE
+    from loraflow.hub.base import cache_dir as loraflow_cache
 
     repo_id = f"{NAMESPACE}/{name}"
     api = HfApi(endpoint=endpoint)
@@ -334,6 +283,8 @@ def pull_to_cache(endpoint: str, name: str, revision: str = "main", cache_dir: s
         )
     recorded = getattr(info, "loraflow", None) or {}
     if not recorded.get("files"):
-        raise LoraflowError(f"{endpoint}: {repo_id} carries no loraflow file hashes; is this a `loraflow hub serve` endpoint?")
+        raise LoraflowError(
+            f"{endpoint}: {repo_id} carries no loraflow file hashes; is this a `loraflow hub serve` endpoint?"
+        )
     verify_hashes(folder, recorded["files"])
     return folder

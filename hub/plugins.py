@@ -2,20 +2,22 @@
 
 Entry points load lazily, on the first call that needs a trainer, and once per process. A plugin
 that fails to import is recorded with its error instead of stopping the CLI. `LORAFLOW_PLUGINS`,
-a comma-separated allowlist of entry-point or distribution names, limits which external plugins load.
+a comma-separated allowlist of entry-point or distribution names, limits which external plugins load; a name
+that matches nothing installed is recorded as a failure, so a typo is reported rather than silently ignored.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 
 import pluggy
 
-from hub import hookspecs
-from hub.errors import LoraflowError
+from loraflow.hub import hookspecs
+from loraflow.hub.errors import LoraflowError
 
 GROUP = "loraflow"
 OWN_DISTRIBUTION = "loraflow"
@@ -61,12 +63,42 @@ class PluginSet:
         return self.trainers[name]
 
 
-def _allowed(source: PluginSource) -> bool:
+def _allowlist() -> set[str] | None:
+    """The LORAFLOW_PLUGINS names, normalised; None when the variable is unset (every plugin loads)."""
     allowlist = os.environ.get("LORAFLOW_PLUGINS")
+    if allowlist is None:
+        return None
+    return {_normalized(item) for item in allowlist.split(",") if item.strip()}
+
+
+def _normalized(name: str) -> str:
+    """Distribution names compare as pip compares them (PEP 503): loraflow_identity is loraflow-identity."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _allowed(source: PluginSource, allowlist: set[str] | None) -> bool:
     if source.package == OWN_DISTRIBUTION or allowlist is None:
         return True
-    names = {item.strip() for item in allowlist.split(",") if item.strip()}
-    return source.entry_point in names or source.package in names
+    return bool(_names(source) & allowlist)
+
+
+def _names(source: PluginSource) -> set[str]:
+    return {_normalized(source.entry_point), _normalized(source.package)}
+
+
+def _unmatched(allowlist: set[str], sources: list[PluginSource]) -> list[PluginFailure]:
+    """Allowlisted names that no installed loraflow entry point or distribution answers to, e.g. a typo."""
+    known = set().union(*(_names(source) for source in sources))
+    failures = []
+    for name in sorted(allowlist - known):
+        try:
+            metadata.distribution(name)
+            why = f"{name} is installed but declares no [project.entry-points.loraflow] entry point"
+        except metadata.PackageNotFoundError:
+            why = f"no installed distribution or loraflow entry point is named {name}"
+        error = f"LORAFLOW_PLUGINS names {name!r}, but {why}. Fix the name, or run: loraflow plugins install PACKAGE"
+        failures.append(PluginFailure(PluginSource(entry_point=name, package=name, version="not found"), error))
+    return failures
 
 
 def _source(entry_point: metadata.EntryPoint) -> PluginSource:
@@ -96,9 +128,13 @@ def get_plugins() -> PluginSet:
     manager.add_hookspecs(hookspecs)
     result = PluginSet(manager)
     sources: dict[str, PluginSource] = {}
-    for entry_point in _unique_entry_points():
+    allowlist = _allowlist()
+    entry_points = _unique_entry_points()
+    if allowlist is not None:
+        result.failures += _unmatched(allowlist, [_source(entry_point) for entry_point in entry_points])
+    for entry_point in entry_points:
         source = _source(entry_point)
-        if not _allowed(source):
+        if not _allowed(source, allowlist):
             continue
         plugin_name = f"{source.package}:{entry_point.name}"
         try:
@@ -129,7 +165,3 @@ def _add_trainer(result: PluginSet, source: PluginSource, trainer_class: type) -
     first_line = (trainer_class.description or "").strip().splitlines()[0] if trainer_class.description else ""
     result.trainers[name] = TrainerInfo(name, trainer_class, first_line, source)
 
-
-def reset_plugins() -> None:
-    """Forget what was loaded, so a newly installed plugin is discovered."""
-    get_plugins.cache_clear()

@@ -12,11 +12,11 @@ from typing import Any
 
 import yaml
 
-from hub.base import BaseModel, cache_dir, resolve_base
-from hub.data import check_lengths, load_records, split_records, strip_line_numbers
-from hub.errors import LoraflowError
-from hub.plugins import get_plugins
-from hub.registry import AdapterVersion, Registry, check_name
+from loraflow.hub.base import BaseModel, cache_dir, resolve_base
+from loraflow.hub.data import check_lengths, load_records, split_records, strip_line_numbers
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.plugins import get_plugins
+from loraflow.hub.registry import AdapterVersion, Registry, check_name
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -25,17 +25,44 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 class TrainingConfig:
     """Hyperparameters every trainer takes. Defaults suit a 2-core CPU and SmolLM2-135M."""
 
-    learning_rate: float = field(default=2e-4, metadata={"help": "Step size of each weight update. LoRA tolerates 1e-4 to 5e-4; full fine-tuning wants about 1e-5."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": f"How the learning rate changes over training: {', '.join(SCHEDULERS)}."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps spent ramping the learning rate up from zero."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (ignored when max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps; -1 trains for num_train_epochs."})
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={"help": "Step size of each weight update. LoRA tolerates 1e-4 to 5e-4; full fine-tuning wants 1e-5."},
+    )
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": f"How the learning rate changes over training: {', '.join(SCHEDULERS)}."},
+    )
+    warmup_ratio: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of steps spent ramping the learning rate up from zero."},
+    )
+    num_train_epochs: float = field(
+        default=1.0,
+        metadata={"help": "Passes over the training data (ignored when max_steps > 0)."},
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Stop after this many optimizer steps; -1 trains for num_train_epochs."},
+    )
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Examples per step on each device."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps whose gradients add up before one update (effective batch = batch size x this)."})
-    max_length: int = field(default=256, metadata={"help": "Longest example in tokens; longer ones are refused before training."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Steps whose gradients add up before one update (effective batch = batch size x this)."},
+    )
+    max_length: int = field(
+        default=256,
+        metadata={"help": "Longest example in tokens; longer ones are refused before training."},
+    )
     seed: int = field(default=42, metadata={"help": "Random seed for the data split, initialisation and sampling."})
-    eval_split: float = field(default=0.1, metadata={"help": "Fraction of the data held out to measure eval loss (0 disables)."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank: the width of the low-rank update. Higher learns more and costs more."})
+    eval_split: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of the data held out to measure eval loss (0 disables)."},
+    )
+    lora_r: int = field(
+        default=8,
+        metadata={"help": "LoRA rank: the width of the low-rank update. Higher learns more and costs more."},
+    )
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator; the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path during training."})
     lora_target_modules: list[str] = field(
@@ -43,8 +70,17 @@ class TrainingConfig:
         metadata={"help": "Module names LoRA adapts, or 'all-linear'."},
     )
     logging_steps: int = field(default=1, metadata={"help": "Record the loss every this many steps."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass: less memory, about 30% more compute."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (autocast, fp32 weights) on the CPU; about 2x faster where the CPU has AVX512-BF16 or AMX. Always on for GPUs that support bf16."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass: less memory, about 30% more compute."},
+    )
+    bf16: bool = field(
+        default=False,
+        metadata={"help": (
+            "bf16 mixed precision (autocast, fp32 weights) on the CPU; about 2x faster where the CPU has AVX512-BF16 "
+            "or AMX. Always on for GPUs that support bf16."
+        )},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_target_modules, str):
@@ -85,19 +121,26 @@ def load_config(config_class: type, yaml_path: str | Path | None = None, overrid
         if not path.is_file():
             raise LoraflowError(f"{path}: no such config file.")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            line = path.read_bytes()[: error.start].count(b"\n") + 1
+            message = f"{path}:{line}: byte {error.start} is not UTF-8; save the config as UTF-8 YAML."
+            raise LoraflowError(message) from None
+        try:
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
             line = getattr(getattr(error, "problem_mark", None), "line", -1) + 1
             raise LoraflowError(f"{path}:{line}: not valid YAML ({getattr(error, 'problem', error)}).") from None
         if not isinstance(loaded, dict):
             raise LoraflowError(f"{path}: a config file is a mapping of field: value.")
-        lines = path.read_text().splitlines()
+        lines = text.splitlines()
         for key, value in loaded.items():
             normalized = str(key).replace("-", "_")
             if normalized not in known:
                 line = next((i for i, text in enumerate(lines, 1) if text.lstrip().startswith(f"{key}:")), 0)
                 raise LoraflowError(
-                    f"{path}:{line}: unknown field {key!r} for {config_class.__name__}; known fields: {', '.join(sorted(known))}."
+                    f"{path}:{line}: unknown field {key!r} for {config_class.__name__}; "
+                    f"known fields: {', '.join(sorted(known))}."
                 )
             values[normalized] = value
     values.update({key: value for key, value in (overrides or {}).items() if value is not None})
@@ -134,13 +177,29 @@ class TrainJob:
 
 
 @dataclass
+class Artifact:
+    """A further adapter a trainer made beside its main one (PPO's reward model), published as NAME + name_suffix."""
+
+    adapter_dir: Path
+    name_suffix: str
+    kind: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    # The main adapter's metrics key that receives this artifact's NAME@V, so a later run can reuse it.
+    recorded_as: str | None = None
+
+
+@dataclass
 class TrainResult:
-    """What a trainer returns: the PEFT adapter folder it wrote and what it measured."""
+    """What a trainer returns: the PEFT adapter folder it wrote, what it measured, and any further artifacts.
+
+    A trainer never publishes: run_training publishes the adapter and every extra artifact, from one process."""
 
     adapter_dir: Path
     metrics: dict[str, float]
     kind: str = "adapter"
     log_history: list[dict] = field(default_factory=list)
+    extra_artifacts: list[Artifact] = field(default_factory=list)
 
 
 def run_training(
@@ -153,13 +212,14 @@ def run_training(
     config=None,
     parent: str | None = None,
     provenance: dict | None = None,
+    promote: bool = False,
+    actor: str = "user",
 ) -> AdapterVersion:
-    """Validate data, resolve the base, train, write the card and loss curve, publish. One call per arrow."""
-    from hub.hf import write_adapter_card
-    from hub.progress import ProgressCallback, save_loss_curve
-
+    """Validate data, resolve the base, train, then publish NAME (a candidate unless `promote`) and its artifacts."""
     import datasets
     import transformers
+
+    from loraflow.hub.progress import ProgressCallback
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -177,7 +237,8 @@ def run_training(
         )
     from transformers import AutoTokenizer
 
-    check_lengths(records, data, AutoTokenizer.from_pretrained(base.path), config.max_length, trainer_class.data_format)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    check_lengths(records, data, tokenizer, config.max_length, trainer_class.data_format)
     train_records, eval_records = split_records(records, config.eval_split, config.seed)
     output_dir = cache_dir() / "runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     job = TrainJob(
@@ -196,31 +257,69 @@ def run_training(
     from accelerate import PartialState
 
     state = PartialState()
-    if not state.is_main_process:  # under `accelerate launch` the main process alone writes the card and publishes
+    if not state.is_main_process:  # under `accelerate launch` the main process alone writes cards and publishes
         state.wait_for_everyone()
-        return registry.get(name)
-    if result.log_history:
-        save_loss_curve(result.log_history, result.adapter_dir / "loss_curve.png", title=f"{name} ({trainer_name})")
-    trainer_record = {"name": trainer_name, "package": info.source.package, "version": info.source.version}
-    write_adapter_card(
-        result.adapter_dir,
-        name=name,
+        return registry.versions(name)[-1]
+    publication = Publication(
+        registry=registry,
         base=base,
-        trainer=trainer_record,
-        config=dataclasses.asdict(config),
-        metrics=result.metrics,
+        trainer={"name": trainer_name, "package": info.source.package, "version": info.source.version},
         parent=parent_version.ref if parent_version else None,
-        data_summary={"file": Path(data).name, "train_examples": len(train_records), "eval_examples": len(eval_records)},
+        data_summary={
+            "file": Path(data).name, "train_examples": len(train_records), "eval_examples": len(eval_records)
+        },
+        actor=actor,
     )
-    version = registry.publish(
-        result.adapter_dir,
-        name,
-        base=base,
-        trainer=trainer_record,
-        parent=parent_version.ref if parent_version else None,
-        metrics=result.metrics,
-        kind=result.kind,
-        provenance={"data": Path(data).name, **(provenance or {})},
-    )
-    state.wait_for_everyone()
+    try:
+        version = publication.publish_all(result, name, config, provenance, promote)
+    finally:  # the other ranks wait here even when publishing fails, so they exit instead of hanging
+        state.wait_for_everyone()
     return version
+
+
+@dataclass
+class Publication:
+    """What every artifact of one training run is published with; only the main process builds one."""
+
+    registry: Registry
+    base: BaseModel
+    trainer: dict
+    parent: str | None
+    data_summary: dict
+    actor: str
+
+    def publish_all(self, result: TrainResult, name: str, config, provenance: dict | None, promote: bool):
+        """Extra artifacts first, so the adapter's metrics can record their NAME@V; then the adapter itself."""
+        from loraflow.hub.progress import save_loss_curve
+
+        provenance = {"data": self.data_summary["file"], **(provenance or {})}
+        metrics = dict(result.metrics)
+        for artifact in result.extra_artifacts:
+            version = self.publish(
+                artifact.adapter_dir, name + artifact.name_suffix, kind=artifact.kind, metrics=artifact.metrics,
+                trainer={**self.trainer, "stage": artifact.kind}, config=artifact.config, parent=None,
+                provenance=provenance, promote=False,
+            )
+            if artifact.recorded_as:
+                metrics[artifact.recorded_as] = version.ref
+        if result.log_history:
+            title = f"{name} ({self.trainer['name']})"
+            save_loss_curve(result.log_history, result.adapter_dir / "loss_curve.png", title=title)
+        return self.publish(
+            result.adapter_dir, name, kind=result.kind, metrics=metrics, trainer=self.trainer,
+            config=dataclasses.asdict(config), parent=self.parent, provenance=provenance, promote=promote,
+        )
+
+    def publish(self, folder: Path, name: str, *, kind: str, metrics: dict, trainer: dict, config: dict,
+                parent: str | None, provenance: dict, promote: bool) -> AdapterVersion:
+        """Write the model card into the folder, then publish it as the next version of `name`."""
+        from loraflow.hub.hub_protocol import write_adapter_card
+
+        write_adapter_card(
+            folder, name=name, base=self.base, trainer=trainer, config=config, metrics=metrics, parent=parent,
+            data_summary=self.data_summary,
+        )
+        return self.registry.publish(
+            folder, name, base=self.base, trainer=trainer, parent=parent, metrics=metrics, kind=kind,
+            provenance=provenance, promote=promote, actor=self.actor,
+        )

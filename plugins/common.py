@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from hub.training import TrainJob, TrainingConfig
+from loraflow.hub.training import TrainJob, TrainingConfig
 
 
 def on_gpu() -> bool:
@@ -104,7 +104,9 @@ def sft_trainer(job: TrainJob, model, tokenizer, peft_config=None, **overrides):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    arguments = {**trainer_arguments(job), "max_length": job.config.max_length, "completion_only_loss": True, **overrides}
+    arguments = {
+        **trainer_arguments(job), "max_length": job.config.max_length, "completion_only_loss": True, **overrides
+    }
     eval_dataset = Dataset.from_list(messages_to_prompt_completion(job.eval_records)) if job.eval_records else None
     return quiet(SFTTrainer(
         model=model,
@@ -142,7 +144,9 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
                 for prompt in prompts[start : start + batch_size]
             ]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)

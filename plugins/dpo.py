@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hub.errors import LoraflowError
-from hub.hookspecs import hookimpl
-from hub.training import TrainJob, TrainResult, TrainingConfig
-from plugins.common import (
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.hookspecs import hookimpl
+from loraflow.hub.training import TrainJob, TrainResult, TrainingConfig
+from loraflow.plugins.common import (
     final_metrics,
     load_causal_lm,
     load_parent_adapter,
@@ -32,11 +32,20 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down")
 class DpoTrainingConfig(TrainingConfig):
     """The common hyperparameters plus DPO's beta; preference tuning wants a smaller step than SFT."""
 
-    learning_rate: float = field(default=5e-5, metadata={"help": "Step size of each update; DPO on LoRA works at 1e-5 to 1e-4."})
-    beta: float = field(default=0.1, metadata={"help": "How far the policy may move from the reference: higher keeps it closer (0.1 is usual)."})
+    learning_rate: float = field(
+        default=5e-5,
+        metadata={"help": "Step size of each update; DPO on LoRA works at 1e-5 to 1e-4."},
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "How far the policy may move from the reference: higher keeps it closer (0.1 is usual)."},
+    )
     loss_type: str = field(
         default="sigmoid",
-        metadata={"help": f"DPO's loss: {', '.join(LOSS_TYPES)}. sigmoid is the paper's; apo_zero also raises the chosen answers' likelihood, for chosen answers better than the model's own."},
+        metadata={"help": (
+            f"DPO's loss: {', '.join(LOSS_TYPES)}. sigmoid is the paper's; apo_zero also raises the chosen answers' "
+            "likelihood, for chosen answers better than the model's own."
+        )},
     )
 
     def __post_init__(self) -> None:
@@ -56,7 +65,9 @@ def preference_metrics(evaluation: dict, prefix: str = "eval_") -> dict[str, flo
 
 class DpoTrainer:
     name = "dpo"
-    description = "Direct Preference Optimization (TRL DPOTrainer) of a LoRA adapter; --parent continues one against itself."
+    description = (
+        "Direct Preference Optimization (TRL DPOTrainer) of a LoRA adapter; --parent continues one against itself."
+    )
     config_class = DpoTrainingConfig
     data_format = "preference"
 
@@ -73,7 +84,12 @@ class DpoTrainer:
         eval_dataset = Dataset.from_list(preference_to_conversation(job.eval_records)) if job.eval_records else None
         trainer = quiet(DPOTrainer(
             model=model,
-            args=DPOConfig(**trainer_arguments(job), max_length=job.config.max_length, beta=job.config.beta, loss_type=[job.config.loss_type]),
+            args=DPOConfig(
+                **trainer_arguments(job),
+                max_length=job.config.max_length,
+                beta=job.config.beta,
+                loss_type=[job.config.loss_type],
+            ),
             train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
             eval_dataset=eval_dataset,
             processing_class=load_tokenizer(job),

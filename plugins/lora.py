@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hub.hookspecs import hookimpl
-from hub.training import TrainJob, TrainResult, TrainingConfig
-from plugins.common import (
+from loraflow.hub.hookspecs import hookimpl
+from loraflow.hub.training import TrainJob, TrainResult, TrainingConfig
+from loraflow.plugins.common import (
     final_metrics,
     load_causal_lm,
     load_parent_adapter,

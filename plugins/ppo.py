@@ -1,7 +1,8 @@
 """The `ppo` trainer: RLHF as the fine-tuning guide teaches it, in two stages.
 
 1. A reward model learned from preference pairs: sequence classification with a LoRA adapter (TRL
-   RewardTrainer), published to the registry as its own artifact of kind "reward" so `--reward` can reuse it.
+   RewardTrainer), returned as an extra artifact that run_training publishes as NAME-reward, of kind "reward",
+   so `--reward` can reuse it.
 2. PPO (trl.experimental.ppo) of a LoRA policy against that reward, with a value model initialised from
    the reward model and a KL penalty to the reference (the base: the policy with its adapter disabled).
 The output is the policy adapter; its metrics hold the mean reward on held-out prompts before and after.
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hub.errors import LoraflowError
-from hub.hookspecs import hookimpl
-from hub.training import TrainJob, TrainResult, TrainingConfig
-from plugins.common import (
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.hookspecs import hookimpl
+from loraflow.hub.training import Artifact, TrainJob, TrainResult, TrainingConfig
+from loraflow.plugins.common import (
     compute_dtype,
     final_metrics,
     generate_answers,
@@ -39,14 +40,26 @@ class PpoTrainingConfig(TrainingConfig):
     """The common fields set the policy's PPO updates; the reward_* fields set stage 1."""
 
     learning_rate: float = field(default=5e-5, metadata={"help": "Step size of the policy (and value) updates."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the KL penalty that keeps the policy near the reference model."})
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "Weight of the KL penalty that keeps the policy near the reference model."},
+    )
     response_length: int = field(default=16, metadata={"help": "Tokens generated per prompt in each PPO rollout."})
     total_episodes: int = field(default=64, metadata={"help": "Prompts rolled out over the whole PPO run."})
     num_ppo_epochs: int = field(default=2, metadata={"help": "Optimisation passes over each batch of rollouts."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts."})
-    reward: str | None = field(default=None, metadata={"help": "Reuse this reward adapter (NAME@V of kind 'reward') instead of training one."})
-    reward_learning_rate: float = field(default=2e-4, metadata={"help": "Step size of the reward model's LoRA training."})
-    reward_max_steps: int = field(default=-1, metadata={"help": "Optimizer steps of reward training; -1 trains for num_train_epochs."})
+    reward: str | None = field(
+        default=None,
+        metadata={"help": "Reuse this reward adapter (NAME@V of kind 'reward') instead of training one."},
+    )
+    reward_learning_rate: float = field(
+        default=2e-4,
+        metadata={"help": "Step size of the reward model's LoRA training."},
+    )
+    reward_max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps of reward training; -1 trains for num_train_epochs."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,10 +140,14 @@ def load_reward_model(job: TrainJob, tokenizer):
 
     version = job.registry.get(job.config.reward)
     if version.kind != "reward":
-        raise LoraflowError(f"{version.ref} is a {version.kind}, not a reward model; give --reward a version published by the ppo trainer")
+        raise LoraflowError(
+            f"{version.ref} is a {version.kind}, not a reward model; "
+            "give --reward a version published by the ppo trainer"
+        )
     if version.base["fingerprint"] != job.base.fingerprint:
         raise LoraflowError(f"{version.ref} was trained on {version.base['name']}, not on {job.base.name}")
-    return PeftModel.from_pretrained(load_reward_base(job, tokenizer), str(job.registry.folder(version))).merge_and_unload(), version
+    reward_model = PeftModel.from_pretrained(load_reward_base(job, tokenizer), str(job.registry.folder(version)))
+    return reward_model.merge_and_unload(), version
 
 
 @torch.no_grad()
@@ -148,12 +165,25 @@ def mean_reward(policy, reward_model, tokenizer, prompts: list[str], response_le
     return reward_model(**batch).logits.squeeze(-1).float().mean().item()
 
 
+def separate_reference(job: TrainJob):
+    """None (the reference is the policy with its adapter disabled), or a frozen copy of the base when distributed.
+
+    TRL 1.12's PPOTrainer disables the adapter through `self.model.policy`, which a DistributedDataParallel
+    wrapper hides (AttributeError under `accelerate launch`), so several processes need their own reference."""
+    from accelerate import PartialState
+
+    return load_causal_lm(job) if PartialState().num_processes > 1 else None
+
+
 def rollout_dataset(records: list[dict], tokenizer):
     from datasets import Dataset
 
     prompts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": record["prompt"]}], tokenize=True, add_generation_prompt=True, return_dict=False
+            [{"role": "user", "content": record["prompt"]}],
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=False,
         )
         for record in records
     ]
@@ -170,18 +200,22 @@ class PpoTrainer:
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
         if job.parent_dir:
-            raise LoraflowError("ppo trains a new policy adapter against the base; continue an adapter with dpo --parent")
+            raise LoraflowError(
+                "ppo trains a new policy adapter against the base; continue an adapter with dpo --parent"
+            )
         config = job.config
         tokenizer = ppo_tokenizer(job)
         metrics: dict[str, float] = {}
+        extra_artifacts = []
         if config.reward:
             reward_model, reward_version = load_reward_model(job, tokenizer)
+            metrics["reward_model"] = reward_version.ref
         else:
             reward_model, reward_folder, reward_metrics = train_reward_model(job, tokenizer)
             metrics |= {f"reward_{key}": value for key, value in reward_metrics.items()}
-            reward_version = publish_reward(job, reward_folder, reward_metrics)
-        metrics["reward_model"] = reward_version.ref
-        held_out = [record["prompt"] for record in (job.eval_records or job.train_records[: config.per_device_train_batch_size])]
+            extra_artifacts.append(reward_artifact(job, reward_folder, reward_metrics))
+        held_out_records = job.eval_records or job.train_records[: config.per_device_train_batch_size]
+        held_out = [record["prompt"] for record in held_out_records]
         policy = load_causal_lm(job)
         metrics["mean_reward_before"] = mean_reward(policy, reward_model, tokenizer, held_out, config.response_length)
 
@@ -203,7 +237,7 @@ class PpoTrainer:
             ),
             processing_class=tokenizer,
             model=policy,
-            ref_model=None,
+            ref_model=separate_reference(job),
             reward_model=reward_model,
             value_model=copy.deepcopy(reward_model),
             train_dataset=rollout_dataset(job.train_records, tokenizer),
@@ -213,35 +247,37 @@ class PpoTrainer:
         )
         quiet(trainer).train()
         policy_model = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.policy_model
-        metrics["mean_reward_after"] = mean_reward(policy_model, reward_model, tokenizer, held_out, config.response_length)
+        metrics["mean_reward_after"] = mean_reward(
+            policy_model, reward_model, tokenizer, held_out, config.response_length
+        )
         history = trainer.state.log_history
         metrics |= {
             "train_steps": trainer.state.global_step,
             "train_examples": len(job.train_records),
-            "final_kl": next((entry["objective/kl"] for entry in reversed(history) if "objective/kl" in entry), float("nan")),
+            "final_kl": next(
+                (entry["objective/kl"] for entry in reversed(history) if "objective/kl" in entry), float("nan")
+            ),
         }
         # The loss-curve plot and progress bar read "loss"; PPO's counterpart is the policy-gradient loss.
         curve = [{**entry, "loss": entry["loss/policy_avg"]} for entry in history if "loss/policy_avg" in entry]
-        return TrainResult(save_adapter(policy_model, job), metrics, log_history=curve)
+        return TrainResult(save_adapter(policy_model, job), metrics, log_history=curve, extra_artifacts=extra_artifacts)
 
 
-def publish_reward(job: TrainJob, folder, metrics: dict):
-    """The reward adapter becomes its own registry artifact, NAME-reward, so later runs can reuse it."""
-    from hub.hf import write_adapter_card
-
-    name = f"{job.name}-reward"
-    trainer_record = {"name": "ppo", "stage": "reward-model"}
-    write_adapter_card(
-        folder,
-        name=name,
-        base=job.base,
-        trainer=trainer_record,
-        config={"learning_rate": job.config.reward_learning_rate, "lora_r": job.config.lora_r, "lora_target_modules": job.config.lora_target_modules},
+def reward_artifact(job: TrainJob, folder, metrics: dict) -> Artifact:
+    """The reward adapter, published by run_training as NAME-reward; the policy's metrics record its NAME@V."""
+    config = job.config
+    return Artifact(
+        adapter_dir=folder,
+        name_suffix="-reward",
+        kind="reward",
         metrics=metrics,
-        parent=None,
-        data_summary={"train_pairs": len(job.train_records), "eval_pairs": len(job.eval_records)},
+        config={
+            "learning_rate": config.reward_learning_rate,
+            "lora_r": config.lora_r,
+            "lora_target_modules": config.lora_target_modules,
+        },
+        recorded_as="reward_model",
     )
-    return job.registry.publish(folder, name, base=job.base, trainer=trainer_record, metrics=metrics, kind="reward")
 
 
 @hookimpl

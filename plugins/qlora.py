@@ -4,18 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hub.hookspecs import hookimpl
-from hub.training import TrainJob
-from plugins.common import load_causal_lm, on_gpu
-from plugins.lora import LoraTrainer, LoraTrainingConfig
+from loraflow.hub.hookspecs import hookimpl
+from loraflow.hub.training import TrainJob
+from loraflow.plugins.common import load_causal_lm, on_gpu
+from loraflow.plugins.lora import LoraTrainer, LoraTrainingConfig
 
 
 @dataclass
 class QLoraTrainingConfig(LoraTrainingConfig):
     """LoRA's hyperparameters plus how the frozen base is quantized."""
 
-    double_quant: bool = field(default=True, metadata={"help": "Quantize the quantization constants too (saves about 0.4 bits per weight)."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward pass: less memory, about 30% more compute (QLoRA's default)."})
+    double_quant: bool = field(
+        default=True,
+        metadata={"help": "Quantize the quantization constants too (saves about 0.4 bits per weight)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": (
+            "Recompute activations in the backward pass: less memory, about 30% more compute (QLoRA's default)."
+        )},
+    )
 
 
 class QLoraTrainer(LoraTrainer):

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hub.errors import LoraflowError
-from hub.hookspecs import hookimpl
-from hub.training import TrainJob, TrainResult, TrainingConfig
-from plugins.common import final_metrics, load_causal_lm, load_tokenizer, save_adapter, sft_trainer
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.hookspecs import hookimpl
+from loraflow.hub.training import TrainJob, TrainResult, TrainingConfig
+from loraflow.plugins.common import final_metrics, load_causal_lm, load_tokenizer, save_adapter, sft_trainer
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -25,8 +25,14 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class SftTrainingConfig(TrainingConfig):
     """Full fine-tuning wants a smaller learning rate than LoRA; the lora_* fields shape the extracted adapter."""
 
-    learning_rate: float = field(default=2e-5, metadata={"help": "Step size of each weight update; full fine-tuning of every weight wants about 1e-5 to 5e-5."})
-    extract_rank: int = field(default=16, metadata={"help": "Rank of the LoRA adapter extracted from the weight delta by truncated SVD."})
+    learning_rate: float = field(
+        default=2e-5,
+        metadata={"help": "Step size of each weight update; full fine-tuning of every weight wants 1e-5 to 5e-5."},
+    )
+    extract_rank: int = field(
+        default=16,
+        metadata={"help": "Rank of the LoRA adapter extracted from the weight delta by truncated SVD."},
+    )
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(PROJECTIONS),
         metadata={"help": "Linear layers whose weight change is extracted into the adapter, or 'all-linear'."},
@@ -46,7 +52,8 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     """
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     energy = s.square()
-    return vh[:rank].contiguous(), (u[:, :rank] * s[:rank]).contiguous(), energy[rank:].sum().item(), energy.sum().item()
+    lora_a, lora_b = vh[:rank].contiguous(), (u[:, :rank] * s[:rank]).contiguous()
+    return lora_a, lora_b, energy[rank:].sum().item(), energy.sum().item()
 
 
 def adapted_linears(model, targets: list[str]) -> dict[str, torch.nn.Linear]:
@@ -55,7 +62,9 @@ def adapted_linears(model, targets: list[str]) -> dict[str, torch.nn.Linear]:
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name and (every or name.rsplit(".", 1)[-1] in targets)
+        if isinstance(module, torch.nn.Linear)
+        and "lm_head" not in name
+        and (every or name.rsplit(".", 1)[-1] in targets)
     }
 
 
@@ -66,10 +75,14 @@ def extract_lora(tuned, base, rank: int, targets: list[str]):
 
     tuned_linears = adapted_linears(tuned, targets)
     if not tuned_linears:
-        raise LoraflowError(f"no linear layer matches lora_target_modules {targets}; use names like {', '.join(PROJECTIONS)}")
+        raise LoraflowError(
+            f"no linear layer matches lora_target_modules {targets}; use names like {', '.join(PROJECTIONS)}"
+        )
     smallest = min(min(module.weight.shape) for module in tuned_linears.values())
     if rank > smallest:
-        raise LoraflowError(f"extract_rank {rank} exceeds the smallest adapted layer dimension ({smallest}); lower --extract-rank")
+        raise LoraflowError(
+            f"extract_rank {rank} exceeds the smallest adapted layer dimension ({smallest}); lower --extract-rank"
+        )
     factors, residual, total = {}, 0.0, 0.0
     base_linears = adapted_linears(base, targets)
     for name, module in tuned_linears.items():
@@ -77,7 +90,8 @@ def extract_lora(tuned, base, rank: int, targets: list[str]):
         factors[name] = (lora_a, lora_b)
         residual, total = residual + layer_residual, total + layer_total
     # alpha = r makes PEFT's scaling 1, so B @ A is exactly the fitted delta.
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted({name.rsplit(".", 1)[-1] for name in factors}))
+    target_modules = sorted({name.rsplit(".", 1)[-1] for name in factors})
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=target_modules)
     peft_model = get_peft_model(base, config)
     for name, module in peft_model.base_model.model.named_modules():
         if name in factors:
@@ -95,7 +109,9 @@ class SftTrainer:
 
     def train(self, job: TrainJob) -> TrainResult:
         if job.parent_dir:
-            raise LoraflowError("sft fine-tunes the full base model and cannot continue an adapter; use lora or dpo with --parent")
+            raise LoraflowError(
+                "sft fine-tunes the full base model and cannot continue an adapter; use lora or dpo with --parent"
+            )
         tokenizer = load_tokenizer(job)
         trainer = sft_trainer(job, load_causal_lm(job), tokenizer)
         trainer.train()
@@ -103,7 +119,8 @@ class SftTrainer:
         full_dir = job.output_dir / "full"
         trainer.save_model(str(full_dir))
         tokenizer.save_pretrained(full_dir)
-        peft_model, error = extract_lora(trainer.model, load_causal_lm(job), job.config.extract_rank, job.config.lora_target_modules)
+        rank, targets = job.config.extract_rank, job.config.lora_target_modules
+        peft_model, error = extract_lora(trainer.model, load_causal_lm(job), rank, targets)
         metrics["extract_rank"] = job.config.extract_rank
         metrics["extract_relative_error"] = error
         if job.eval_records:

@@ -24,8 +24,8 @@ step "3. Train pirate v1: LoRA on the shipped pirate dataset, a short run, publi
 step "4. The registry entry" loraflow registry show pirate@1
 
 printf '\n\033[1m== 5. Serve: vLLM with the int8 base; every registry adapter by name (log: %s)\033[0m\n' "$DEMO/serve.log"
-echo "\$ loraflow serve --alias live --port $PORT &"
-loraflow serve --alias live --port "$PORT" > "$DEMO/serve.log" 2>&1 &
+echo "\$ loraflow serve --port $PORT &"
+loraflow serve --port "$PORT" > "$DEMO/serve.log" 2>&1 &
 SERVE_PID=$!
 trap 'kill $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null' EXIT
 until grep -q "^serving" "$DEMO/serve.log"; do  # `loraflow serve` prints this once /health answers
@@ -37,12 +37,17 @@ ask pirate "What is the capital of Italy?"
 
 step "6. 100 arena rounds; a simulated voter (answers opening with 'Arr' win) votes through the arena's vote path" \
   loraflow votes simulate pirate --rounds 100
-step "7. The loop: DPO trains pirate@2 from pirate@1 on those votes, publishes it and moves the live alias" \
+step "7. The loop: DPO trains pirate@2 from pirate@1 on those votes, publishes it and promotes it to live" \
   loraflow loop pirate --once --votes-needed 10 --set max_steps=20 --set learning_rate=2e-4 --set eval_split=0
 printf '\n\033[1m== 8. Hot-swap: the running server now answers "pirate" with the new version, no restart\033[0m\n'
 ask pirate "What is the capital of Italy?"
 step "9. Leaderboard" loraflow votes leaderboard pirate
 step "10. Before and after, on 40 held-out prompts" loraflow judge pirate@1 pirate@2
+step "11. Rollback is one command; the server answers \"pirate\" with pirate@1 from the next request" \
+  loraflow rollback pirate --reason "demo"
+ask pirate "What is the capital of Italy?"
+step "12. Promote it again, and read the lifecycle" loraflow promote pirate@2 --reason "demo: it won the arena"
+loraflow registry history pirate
 
 printf '\n\033[1m== The arena\033[0m\n'
 ARENA="loraflow arena pirate --server $SERVER"
@@ -53,6 +58,6 @@ if [ -t 0 ] && [ -z "${CI:-}" ]; then
 else
   echo "To vote yourself, with this demo's registry and votes:"
   echo "  export LORAFLOW_REGISTRY=$DEMO/registry.json LORAFLOW_VOTES=$DEMO/votes.db"
-  echo "  loraflow serve --alias live --port $PORT &   # then, once it prints 'serving':"
+  echo "  loraflow serve --port $PORT &   # then, once it prints 'serving':"
   echo "  $ARENA    # and browse to http://127.0.0.1:7860"
 fi

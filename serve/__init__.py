@@ -1,1 +1,1 @@
-"""Serving registry adapters with vLLM, the arena, the votes and the feedback loop."""
+"""Serving registry adapters with vLLM: the launcher, the registry resolver and the fleet."""

@@ -7,34 +7,63 @@ from typing import List, Optional
 
 import click
 import typer
-
-from hub.hookspecs import hookimpl
+from loraflow.hub.base import DEFAULT_BASE
+from loraflow.hub.cli_common import default_of
+from loraflow.hub.hookspecs import hookimpl
+from loraflow.serve.launcher import ServerSettings
 
 
 def serve(
     ctx: typer.Context,
-    base: str = typer.Option("smollm2-135m", "--base", help="Base model: alias, folder, .gguf or Hub id."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
-    port: int = typer.Option(8000, "--port", help="Port to listen on."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAFLOW_API_KEY", help="Require this bearer key on every request."),
-    alias: str = typer.Option("latest", "--alias", help="The alias a bare NAME reaches (falls back to latest), e.g. production."),
-    quantization: Optional[str] = typer.Option(
-        None, "--quantization", help="vLLM quantization (default: int8_per_channel_weight_only on the CPU, none on a GPU; 'none' turns it off)."
+    base: str = typer.Option(DEFAULT_BASE, "--base", help="Base model: alias, folder, .gguf or Hub id."),
+    host: str = typer.Option(
+        default_of(ServerSettings, "host"), "--host", help="Address to listen on (0.0.0.0 for every interface)."
     ),
-    max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank", help="LoRA rank to reserve (default: the registry's largest, rounded up to one vLLM accepts)."),
-    max_loras: int = typer.Option(8, "--max-loras", help="Adapters in one batch at once."),
-    max_cpu_loras: Optional[int] = typer.Option(None, "--max-cpu-loras", help="Adapters kept loaded (LRU) (default: 2 x --max-loras)."),
-    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Longest prompt + answer in tokens (default: the model's)."),
-    kv_cache_gib: int = typer.Option(1, "--kv-cache-gib", help="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."),
-    gpu_memory_utilization: float = typer.Option(0.3, "--gpu-memory-utilization", help="Fraction of device memory vLLM may take."),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="Split the base over this many GPUs."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="LORAFLOW_API_KEY", help="Require this bearer key on every request."
+    ),
+    quantization: Optional[str] = typer.Option(
+        None,
+        "--quantization",
+        help="vLLM quantization (default: int8_per_channel_weight_only on the CPU, none on a GPU; 'none': off).",
+    ),
+    max_lora_rank: Optional[int] = typer.Option(
+        None,
+        "--max-lora-rank",
+        help="LoRA rank to reserve (default: the registry's largest, rounded up to one vLLM accepts).",
+    ),
+    max_loras: int = typer.Option(
+        default_of(ServerSettings, "max_loras"), "--max-loras", help="Adapters in one batch at once."
+    ),
+    max_cpu_loras: Optional[int] = typer.Option(
+        None, "--max-cpu-loras", help="Adapters kept loaded (LRU) (default: 2 x --max-loras)."
+    ),
+    max_model_len: Optional[int] = typer.Option(
+        None, "--max-model-len", help="Longest prompt + answer in tokens (default: the model's)."
+    ),
+    kv_cache_gib: int = typer.Option(
+        default_of(ServerSettings, "kv_cache_gib"),
+        "--kv-cache-gib",
+        help="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).",
+    ),
+    gpu_memory_utilization: float = typer.Option(
+        default_of(ServerSettings, "gpu_memory_utilization"),
+        "--gpu-memory-utilization",
+        help="Fraction of device memory vLLM may take.",
+    ),
+    tensor_parallel_size: int = typer.Option(
+        default_of(ServerSettings, "tensor_parallel_size"),
+        "--tensor-parallel-size",
+        help="Split the base over this many GPUs.",
+    ),
     ready_timeout: float = typer.Option(900, "--ready-timeout", help="Seconds to wait for the engine to become ready."),
     vllm_args: Optional[List[str]] = typer.Argument(None, help="Extra vLLM arguments, after `--`."),
 ):
-    """Serve the base and every registry adapter (NAME, NAME@V, NAME@ALIAS) through vLLM's OpenAI API."""
+    """Serve the base and every registry adapter through vLLM's OpenAI API: NAME is the live version, NAME@V and
+    NAME@ALIAS any other; a promote or rollback takes effect from the next request, with no restart."""
+    from loraflow.serve.launcher import start_server
     from rich.console import Console
-
-    from serve.launcher import start_server
 
     console = Console()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
@@ -46,7 +75,6 @@ def serve(
         port,
         host=host,
         api_key=api_key,
-        alias=alias,
         quantization=quantization,
         max_lora_rank=max_lora_rank,
         max_loras=max_loras,

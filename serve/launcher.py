@@ -3,7 +3,7 @@
 `start_server(registry, base)` builds the command line and environment, starts
 `python -m vllm.entrypoints.openai.api_server` in its own process group, and returns a `VLLMServer`
 whose `wait_ready()` polls `/health` until the engine answers. The registry location reaches the
-server's processes through LORAFLOW_REGISTRY, where the `serve.resolver` vLLM plugin reads it: a file,
+server's processes through LORAFLOW_REGISTRY, where the `loraflow.serve.resolver` vLLM plugin reads it: a file,
 or the URL of a `loraflow hub serve` that replicas on other machines share.
 """
 
@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
-from hub.base import BaseModel, resolve_base
-from hub.errors import LoraflowError
-from hub.registry import Registry, is_registry_url, registry_location
-from serve.naming import open_registry_view
+from loraflow.hub.base import DEFAULT_BASE, BaseModel, resolve_base
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.registry import Registry, is_registry_url, registry_location
+from loraflow.serve.naming import open_registry_view
 
 # The ranks vLLM 0.32 accepts for --max-lora-rank (vllm/config/lora.py MaxLoRARanks).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -52,13 +51,6 @@ def lora_rank_for(registry_rank: int) -> int:
     )
 
 
-def served_name(base: BaseModel) -> str:
-    """The name clients pass as `model` for the base: its alias, or the folder's name for a path."""
-    if "/" in base.name or os.sep in base.name:
-        return Path(base.path).name
-    return base.name
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
@@ -74,7 +66,6 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int | None = None
     api_key: str | None = None
-    alias: str = "latest"
     quantization: str | None = None  # None: int8 weight-only on the CPU, none on a GPU
     max_lora_rank: int | None = None  # None: the registry's largest rank, rounded up to one vLLM accepts
     max_loras: int = 8
@@ -94,21 +85,32 @@ class ServerSettings:
         return self.quantization
 
     def resolved_lora_rank(self) -> int:
-        return self.max_lora_rank or lora_rank_for(open_registry_view(self.registry, poll_s=0).max_rank())
+        return self.max_lora_rank or lora_rank_for(open_registry_view(self.registry, poll_s=0).snapshot().max_rank())
 
     def command(self) -> list[str]:
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.base.path),
-            "--served-model-name", served_name(self.base),
-            "--host", self.host,
-            "--port", str(self.port),
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.base.path),
+            "--served-model-name",
+            self.base.served_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
             "--enable-lora",
-            "--max-lora-rank", str(self.resolved_lora_rank()),
-            "--max-loras", str(self.max_loras),
-            "--max-cpu-loras", str(self.max_cpu_loras or 2 * self.max_loras),
-            "--gpu-memory-utilization", str(self.gpu_memory_utilization),
-            "--tensor-parallel-size", str(self.tensor_parallel_size),
+            "--max-lora-rank",
+            str(self.resolved_lora_rank()),
+            "--max-loras",
+            str(self.max_loras),
+            "--max-cpu-loras",
+            str(self.max_cpu_loras or 2 * self.max_loras),
+            "--gpu-memory-utilization",
+            str(self.gpu_memory_utilization),
+            "--tensor-parallel-size",
+            str(self.tensor_parallel_size),
             "--disable-uvicorn-access-log",
         ]
         quantization = self.resolved_quantization()
@@ -124,7 +126,6 @@ class ServerSettings:
         return {
             **os.environ,
             "LORAFLOW_REGISTRY": self.registry,
-            "LORAFLOW_ALIAS": self.alias,
             "LORAFLOW_BASE_FINGERPRINT": self.base.fingerprint,
             "LORAFLOW_MAX_LORA_RANK": str(self.resolved_lora_rank()),
             # vLLM consults LoRA resolvers only when runtime LoRA updating is allowed.
@@ -141,7 +142,7 @@ class VLLMServer:
         self.settings = settings
         self.process = process
         self.log_path = log_path
-        self.base_name = served_name(settings.base)
+        self.base_name = settings.base.served_name
 
     @property
     def root_url(self) -> str:
@@ -212,7 +213,7 @@ class VLLMServer:
 
 def start_server(
     registry: str | os.PathLike | None = None,
-    base: str | BaseModel = "smollm2-135m",
+    base: str | BaseModel = DEFAULT_BASE,
     port: int | None = None,
     **settings,
 ) -> VLLMServer:

@@ -1,4 +1,4 @@
-"""A faster multi-LoRA path for vLLM on the CPU, installed by the `serve.resolver` plugin in every worker.
+"""A faster multi-LoRA path for vLLM on the CPU, installed by the `loraflow.serve.resolver` plugin in every worker.
 
 vLLM's CPU punica ops gather every token's full LoRA matrices (`weights[indices]`) and run an einsum
 per q/k/v slice, and compute the slot at index -1 for tokens that use no adapter. This wrapper plans
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-QUALNAME = "serve.punica_cpu.GroupedPunicaWrapperCPU"
+QUALNAME = "loraflow.serve.punica_cpu.GroupedPunicaWrapperCPU"
 NO_ADAPTER = -1
 
 
@@ -74,7 +74,10 @@ def add_grouped_lora(
     offset = 0
     for a, b, size in zip(lora_a, lora_b, output_slices):
         if slice_used(b, plan.slots):
-            delta = torch.bmm(torch.bmm(tokens, _matrices(a, slots).float().transpose(1, 2)).mul_(scale), _matrices(b, slots).float().transpose(1, 2))
+            delta = torch.bmm(
+                torch.bmm(tokens, _matrices(a, slots).float().transpose(1, 2)).mul_(scale),
+                _matrices(b, slots).float().transpose(1, 2),
+            )
             width = min(size, delta.shape[-1], y.shape[1] - offset)
             target = y[:, offset : offset + width]
             if plan.single:
@@ -113,13 +116,29 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
         plan = self._plan("tokens", self.token_lora_indices)
         add_grouped_lora(
-            y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), lora_a_stacked, lora_b_stacked, scale, output_slices, plan, self._slice_used
+            y.view(-1, y.shape[-1]),
+            x.view(-1, x.shape[-1]),
+            lora_a_stacked,
+            lora_b_stacked,
+            scale,
+            output_slices,
+            plan,
+            self._slice_used,
         )
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
         plan = self._plan("sampler", self.sampler_indices)
         y2 = y.view(-1, y.shape[-1])
-        add_grouped_lora(y2, x.view(-1, x.shape[-1]), (lora_a_stacked,), (lora_b_stacked,), scale, (y2.shape[1],), plan, self._slice_used)
+        add_grouped_lora(
+            y2,
+            x.view(-1, x.shape[-1]),
+            (lora_a_stacked,),
+            (lora_b_stacked,),
+            scale,
+            (y2.shape[1],),
+            plan,
+            self._slice_used,
+        )
 
 
 def install() -> None:

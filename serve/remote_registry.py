@@ -20,26 +20,23 @@ import threading
 from pathlib import Path
 
 import httpx
-
-from hub.errors import LoraflowError
-from hub.registry import AdapterVersion
-from serve.naming import LiveRegistry
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.registry import AdapterVersion, RegistrySnapshot
 
 logger = logging.getLogger("loraflow.remote_registry")
 METADATA_ROUTE = "/api/loraflow/registry"
 
 
-class RemoteRegistry(LiveRegistry):
-    """The same questions as LiveRegistry, answered from a mirrored copy of a remote registry."""
+class RemoteRegistry:
+    """A registry view (`snapshot()`, `folder()`) answered from a mirrored copy of a remote registry."""
 
-    def __init__(self, url: str, default_alias: str = "latest", poll_s: float | None = None, cache_dir: Path | None = None):
-        from hub.base import cache_dir as loraflow_cache
+    def __init__(self, url: str, poll_s: float | None = None, cache_dir: Path | None = None):
+        from loraflow.hub.base import cache_dir as loraflow_cache
 
         self.url = url.rstrip("/")
-        self.default_alias = default_alias
         self.poll_s = poll_s if poll_s is not None else float(os.environ.get("LORAFLOW_REGISTRY_POLL_S", "0.5"))
         self.cache = Path(cache_dir or loraflow_cache() / "hub")
-        self._data: dict | None = None
+        self._snapshot: RegistrySnapshot | None = None
         self._etag: str | None = None
         self._poller: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -54,16 +51,16 @@ class RemoteRegistry(LiveRegistry):
     def location(self) -> str:
         return self.url
 
-    def data(self) -> dict:
-        """The mirrored metadata; poll_s=0 fetches on every call instead of polling in the background."""
-        if self._data is None or self.poll_s <= 0:
+    def snapshot(self) -> RegistrySnapshot:
+        """The mirrored registry; poll_s=0 fetches on every call instead of polling in the background."""
+        if self._snapshot is None or self.poll_s <= 0:
             self.refresh()
         if self._poller is None and self.poll_s > 0:
             with self._start_lock:
                 if self._poller is None:
                     self._poller = threading.Thread(target=self._poll, name="loraflow-registry-poll", daemon=True)
                     self._poller.start()
-        return self._data
+        return self._snapshot
 
     def refresh(self) -> None:
         """Fetch the metadata unless it is unchanged since the last fetch (ETag = registry revision)."""
@@ -82,12 +79,15 @@ class RemoteRegistry(LiveRegistry):
         if response.status_code == 304:
             return
         if response.status_code in (401, 403):
-            raise LoraflowError(f"registry {self.url}: {response.status_code}, this hub is private; set HF_TOKEN to a read token.")
+            raise LoraflowError(
+                f"registry {self.url}: {response.status_code}, this hub is private; set HF_TOKEN to a read token."
+            )
         if response.status_code != 200:
             raise LoraflowError(
-                f"registry {self.url}: {METADATA_ROUTE} answered {response.status_code}; is this a `loraflow hub serve` endpoint?"
+                f"registry {self.url}: {METADATA_ROUTE} answered {response.status_code}; is this a `loraflow hub "
+                "serve` endpoint?"
             )
-        self._data = response.json()
+        self._snapshot = RegistrySnapshot.parse(response.text, self.url + METADATA_ROUTE)
         self._etag = response.headers.get("etag")
 
     def _poll(self) -> None:
@@ -103,6 +103,6 @@ class RemoteRegistry(LiveRegistry):
                 self.reachable = False
 
     def folder(self, version: AdapterVersion) -> Path:
-        from hub.hf import pull_to_cache
+        from loraflow.hub.hf import pull_to_cache
 
         return pull_to_cache(self.url, version.name, f"v{version.version}", cache_dir=self.cache)

@@ -8,18 +8,19 @@ LoRARequest to the request for its whole life.
 
 The design keeps that flow and changes one data structure. `lora_requests` becomes a `PinnedLoraTable`:
 a dict keyed by pinned `NAME@V` whose lookups first resolve the client's spelling (NAME, NAME@ALIAS,
-NAME@V) against the registry file, re-read only when it changed. So:
-- every request resolves NAME to the version behind the alias at that moment: a publish is noticed by
+NAME@V) against the registry snapshot, re-read only when the file changed. So:
+- every request resolves NAME to the live version at that moment: a promote or rollback is noticed by
   the next request on every replica, with no restart, no watcher thread and no call from the publisher;
+  a candidate (published, not promoted) or a rejected version is reached only as NAME@V;
 - a request keeps the LoRARequest object it was given, so in-flight requests finish on their version;
 - a new version gets a new LoRARequest id and is loaded once by vLLM's own `resolve_lora`; the engine's
   LRU cache (`--max-cpu-loras`) evicts versions no longer asked for;
 - `RegistryLoRAResolver` is the only place that turns a registry record into a LoRARequest, after the
   path guard, the safetensors-only check, the sha256 check and the base-fingerprint check.
-On the CPU it also installs `serve.punica_cpu`, a faster multi-LoRA path (LORAFLOW_FAST_CPU_LORA=0 turns it off).
+On the CPU it also installs `loraflow.serve.punica_cpu`, a faster multi-LoRA path (LORAFLOW_FAST_CPU_LORA=0: off).
 Small wraps complete it: `/v1/models` lists every registry name, a 404 lists what exists (a refused
 adapter gets a 400 with the reason instead), and `/v1/loraflow/adapters` shows which versions the engine
-holds now. LORAFLOW_REGISTRY may also be the URL of a `loraflow hub serve` (`serve.remote_registry`).
+holds now. LORAFLOW_REGISTRY may also be the URL of a `loraflow hub serve` (`loraflow.serve.remote_registry`).
 """
 
 from __future__ import annotations
@@ -31,39 +32,40 @@ import os
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the route's annotations from here
+from loraflow.hub.errors import LoraflowError
+from loraflow.serve.naming import RegistryView, check_servable, open_registry_view, servable, unknown_model_message
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
-
-from hub.errors import LoraflowError
-from serve.naming import LiveRegistry, check_servable, open_registry_view
 
 RESOLVER_NAME = "loraflow registry"
 _request_pins: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraflow_request_pins", default=None)
 
 
 @functools.cache
-def live_registry() -> LiveRegistry | None:
+def registry_view() -> RegistryView | None:
     location = os.environ.get("LORAFLOW_REGISTRY")
-    return open_registry_view(location, os.environ.get("LORAFLOW_ALIAS", "latest")) if location else None
+    return open_registry_view(location) if location else None
 
 
 class RegistryLoRAResolver(LoRAResolver):
     """Turns NAME, NAME@V or NAME@ALIAS into a LoRARequest for the verified registry folder."""
 
-    def __init__(self, live: LiveRegistry, base_fingerprint: str | None, max_rank: int | None):
-        self.live = live
+    def __init__(self, view: RegistryView, base_fingerprint: str | None, max_rank: int | None):
+        self.view = view
         self.base_fingerprint = base_fingerprint
         self.max_rank = max_rank
         self.refusals: dict[str, str] = {}  # model -> why it exists but cannot be served
 
     async def resolve_lora(self, base_model_name: str, lora_name: str):
-        version = self.live.resolve(pin(self.live, lora_name))
+        version = servable(self.view.snapshot(), pin(self.view, lora_name))
         if version is None:
             return None
         try:
             # Downloading (from a registry URL) and hashing take time; keep the event loop serving meanwhile.
-            folder = await asyncio.to_thread(self.live.folder, version)
-            await asyncio.to_thread(check_servable, version, folder, self.live.store, self.base_fingerprint, self.max_rank)
+            folder = await asyncio.to_thread(self.view.folder, version)
+            await asyncio.to_thread(
+                check_servable, version, folder, self.view.store, self.base_fingerprint, self.max_rank
+            )
         except LoraflowError as error:
             self.refusals[lora_name] = str(error)
             return None
@@ -72,7 +74,7 @@ class RegistryLoRAResolver(LoRAResolver):
         return LoRARequest(lora_name=version.ref, lora_int_id=1, lora_path=os.path.realpath(folder))
 
 
-def pin(live: LiveRegistry, model):
+def pin(view: RegistryView, model):
     """NAME@V for `model`, decided once per request: vLLM looks a name up several times while admitting
     a request (model check, resolver, adapter lookup) and a publish between two lookups must not split them."""
     if not isinstance(model, str):
@@ -82,34 +84,35 @@ def pin(live: LiveRegistry, model):
         pins = {}
         _request_pins.set(pins)  # every request runs in its own asyncio task, with its own copy of this variable
     if model not in pins:
-        pins[model] = live.pinned(model) or model
+        version = servable(view.snapshot(), model)
+        pins[model] = version.ref if version else model
     return pins[model]
 
 
 class PinnedLoraTable(dict):
     """vLLM's `lora_requests`, keyed by NAME@V, answering to every spelling of a registry version."""
 
-    def __init__(self, live: LiveRegistry, existing: dict):
+    def __init__(self, view: RegistryView, existing: dict):
         super().__init__(existing)
-        self.live = live
+        self.view = view
 
     def __contains__(self, model) -> bool:
-        return super().__contains__(pin(self.live, model))
+        return super().__contains__(pin(self.view, model))
 
     def __getitem__(self, model):
-        return super().__getitem__(pin(self.live, model))
+        return super().__getitem__(pin(self.view, model))
 
     def get(self, model, default=None):
-        return super().get(pin(self.live, model), default)
+        return super().get(pin(self.view, model), default)
 
     def __setitem__(self, model, request) -> None:
         super().__setitem__(request.lora_name, request)  # NAME@V for registry adapters, whatever the spelling asked
 
     def __delitem__(self, model) -> None:
-        super().__delitem__(pin(self.live, model))
+        super().__delitem__(pin(self.view, model))
 
 
-def _install_serving_wraps(live: LiveRegistry, resolver: RegistryLoRAResolver) -> None:
+def _install_serving_wraps(view: RegistryView, resolver: RegistryLoRAResolver) -> None:
     """Make the OpenAI serving layer use the pinned table, list registry names and explain 404s."""
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelPermission
@@ -125,16 +128,20 @@ def _install_serving_wraps(live: LiveRegistry, resolver: RegistryLoRAResolver) -
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.lora_requests = PinnedLoraTable(live, self.lora_requests)
+        self.lora_requests = PinnedLoraTable(view, self.lora_requests)
 
     @functools.wraps(original_models)
     async def show_available_models(self):
         model_list = await original_models(self)
         listed = {card.id for card in model_list.data}
         base = self.base_model_paths[0].name
-        for model_id in live.model_ids():
+        for model_id in view.snapshot().model_ids():
             if model_id not in listed:
-                model_list.data.append(ModelCard(id=model_id, root=model_id, parent=base, owned_by="loraflow", permission=[ModelPermission()]))
+                model_list.data.append(
+                    ModelCard(
+                        id=model_id, root=model_id, parent=base, owned_by="loraflow", permission=[ModelPermission()]
+                    )
+                )
         return model_list
 
     @functools.wraps(original_check)
@@ -144,19 +151,24 @@ def _install_serving_wraps(live: LiveRegistry, resolver: RegistryLoRAResolver) -
             return error
         model = request.model or ""
         if model in resolver.refusals:
-            return self.create_error_response(resolver.refusals[model], err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model")
+            return self.create_error_response(
+                resolver.refusals[model], err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model"
+            )
         base_names = [path.name for path in self.models.base_model_paths]
         return self.create_error_response(
-            live.unknown_model_message(model, base_names), err_type="NotFoundError", status_code=HTTPStatus.NOT_FOUND, param="model"
+            unknown_model_message(view.snapshot(), model, base_names),
+            err_type="NotFoundError",
+            status_code=HTTPStatus.NOT_FOUND,
+            param="model",
         )
 
     OpenAIServingModels.__init__ = __init__
     OpenAIServingModels.show_available_models = show_available_models
     BaseServing._check_model = _check_model
-    _install_adapters_route(live)
+    _install_adapters_route(view)
 
 
-def _install_adapters_route(live: LiveRegistry) -> None:
+def _install_adapters_route(view: RegistryView) -> None:
     """GET /v1/loraflow/adapters: each version this server has resolved, and whether the engine holds it now.
 
     The engine keeps at most --max-cpu-loras adapters and evicts the least recently used one to load
@@ -172,7 +184,7 @@ def _install_adapters_route(live: LiveRegistry) -> None:
         lora_config = engine.vllm_config.lora_config
         resolved = dict.items(raw_request.app.state.openai_serving_models.lora_requests)
         return {
-            "registry": live.location,
+            "registry": view.location,
             "max_loras": lora_config.max_loras if lora_config else 0,
             "max_cpu_loras": lora_config.max_cpu_loras if lora_config else 0,
             "adapters": [
@@ -191,14 +203,16 @@ def _install_adapters_route(live: LiveRegistry) -> None:
 
 def register() -> None:
     """The vLLM general-plugin entry point; runs in every vLLM process, and does nothing without LORAFLOW_REGISTRY."""
-    live = live_registry()
-    if live is None:
+    view = registry_view()
+    if view is None:
         return
     if os.environ.get("LORAFLOW_FAST_CPU_LORA", "1") != "0":
-        from serve.punica_cpu import install
+        from loraflow.serve.punica_cpu import install
 
         install()
     max_rank = os.environ.get("LORAFLOW_MAX_LORA_RANK")
-    resolver = RegistryLoRAResolver(live, os.environ.get("LORAFLOW_BASE_FINGERPRINT"), int(max_rank) if max_rank else None)
+    resolver = RegistryLoRAResolver(
+        view, os.environ.get("LORAFLOW_BASE_FINGERPRINT"), int(max_rank) if max_rank else None
+    )
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
-    _install_serving_wraps(live, resolver)
+    _install_serving_wraps(view, resolver)

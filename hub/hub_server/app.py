@@ -1,42 +1,58 @@
-"""The FastAPI app: the Hub HTTP routes huggingface_hub calls, over HubRepos, and the uvicorn runner."""
+"""The FastAPI app: the Hub HTTP routes huggingface_hub calls, over HubRepos, and the uvicorn runner.
+
+Three routers: `public` (health, whoami, validate-yaml, signed LFS uploads, the Xet refusal), `reads` (behind
+require_read) and `writes` (behind require_write). The app's state holds the HubRepos and the HubAccess.
+Request limits: headers over 16 KiB get 431; bodies over `max_body_bytes` (`hub serve --max-body-mb`, 64 MiB by
+default, room for a commit of inline base64 files) get 413. LFS uploads are not JSON and not under that limit:
+each takes exactly the size the LFS batch endpoint signed for it.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-
-from hub.base import BaseModel
-from hub.errors import LoraflowError
-from hub.hf import card_metadata
-from hub.hub_server.access import HubAccess
-from hub.hub_server.repos import (
+from loraflow.hub.base import BaseModel
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.hub_protocol import (
+    HEALTH_ROUTE,
+    LIVE_BRANCH,
+    NAMESPACE,
+    REGISTRY_ROUTE,
+    card_metadata,
+    repo_id,
+    version_branch,
+    version_of_branch,
+)
+from loraflow.hub.hub_server.access import HubAccess, bearer_token, require_read, require_write
+from loraflow.hub.hub_server.repos import (
     INLINE_MAX_BYTES,
     LFS_POINTER_SIZE,
-    NAMESPACE,
+    SHA256,
     UPLOAD_URL_LIFETIME_S,
-    VERSION_BRANCH,
     HubError,
     HubRepos,
     commit_id,
+    describe_validation,
     git_blob_id,
+    parse_commit,
     safe_relative,
 )
-from hub.registry import NAME_PATTERN, AdapterVersion, Registry
+from loraflow.hub.registry import AdapterVersion, Registry
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, ValidationError
 
-
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024
+LFS_UPLOAD_PREFIX = "/api/loraflow/lfs/"
 
 
 def _error_response(error: HubError) -> JSONResponse:
@@ -48,319 +64,469 @@ def _error_response(error: HubError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
 
 
-def create_app(registry: Registry, base: BaseModel, access: HubAccess, inline_max_bytes: int = INLINE_MAX_BYTES) -> FastAPI:
-    """The FastAPI app. One process may serve many readers and writers; the registry's file lock orders writes."""
-    repos = HubRepos(registry, base, inline_max_bytes)
-    app = FastAPI(title="loraflow hub", summary="The loraflow adapter registry over the Hugging Face Hub API.")
-    app.state.repos = repos
+class RequestLimits:
+    """ASGI middleware: 431 for oversized headers and 413 for oversized bodies, declared or streamed."""
 
-    @app.exception_handler(HubError)
-    async def hub_error(request: Request, error: HubError):
-        return _error_response(error)
+    def __init__(self, app, max_body_bytes: int, max_header_bytes: int = MAX_HEADER_BYTES):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
 
-    @app.exception_handler(LoraflowError)
-    async def loraflow_error(request: Request, error: LoraflowError):
-        return _error_response(HubError(400, str(error)))
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
+        if header_bytes > self.max_header_bytes:
+            refusal = HubError(
+                431, f"the request headers are {header_bytes} bytes; this hub takes at most {self.max_header_bytes}."
+            )
+            return await _error_response(refusal)(scope, receive, send)
+        if scope["path"].startswith(LFS_UPLOAD_PREFIX):  # limited by the size its URL was signed for
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await _error_response(self._too_large(int(declared)))(scope, receive, send)
+        received = 0
 
-    def need_read(request: Request) -> None:
-        if not access.private:
-            return  # public reads ignore tokens: clients send their huggingface.co token to any endpoint
-        role = access.role(_bearer(request))
-        if role == "invalid":
-            raise HubError(401, "Invalid credentials in Authorization header")
-        if role is None:
-            raise HubError(401, "this loraflow hub is private: send a token (set HF_TOKEN).")
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise self._too_large(received)
+            return message
 
-    def need_write(request: Request) -> None:
-        role = access.role(_bearer(request))
-        if role is None:
-            raise HubError(401, "writing to this loraflow hub needs a write token: set HF_TOKEN.")
-        if role == "invalid":
-            raise HubError(401, "Invalid credentials in Authorization header")
-        if role != "write":
-            raise HubError(403, "this token may only read; writing needs a write token.")
+        await self.app(scope, limited_receive, send)
 
-    def repo_url(request: Request, name: str) -> str:
-        return f"{str(request.base_url).rstrip('/')}/{NAMESPACE}/{name}"
-
-    @app.get("/api/loraflow/health")
-    def health():
-        return {"status": "ok", "registry_revision": registry.revision, "namespace": NAMESPACE}
-
-    @app.get("/api/loraflow/registry")
-    def registry_metadata(request: Request):
-        """The registry's metadata (names, versions, aliases, sha256s, bases), for serving replicas to mirror.
-
-        Its ETag is the registry revision, so a replica polling with If-None-Match gets a bodiless 304 until a
-        publish. The adapter files themselves are fetched through the Hub routes and checked against the sha256s.
-        """
-        need_read(request)
-        data = registry.load()
-        etag = f'"{data.get("revision", 0)}"'
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers={"ETag": etag})
-        return JSONResponse(data, headers={"ETag": etag, "Cache-Control": "no-cache"})
-
-    @app.get("/api/whoami-v2")
-    def whoami(request: Request):
-        role = access.role(_bearer(request))
-        if role in (None, "invalid"):
-            raise HubError(401, "Invalid credentials in Authorization header")
-        return {"type": "user", "name": f"loraflow-{role}", "auth": {"accessToken": {"role": role}}, "orgs": []}
-
-    @app.post("/api/validate-yaml")
-    async def validate_yaml(request: Request):
-        from huggingface_hub import RepoCard
-
-        payload = await request.json()
-        try:
-            RepoCard(str(payload.get("content", "")))
-        except Exception as error:  # RepoCard raises ValueError or a YAML error for bad metadata
-            return JSONResponse({"errors": [{"message": str(error)}], "warnings": []}, status_code=400)
-        return {"errors": [], "warnings": []}
-
-    def model_info(request: Request, namespace: str, name: str, revision: str) -> dict:
-        need_read(request)
-        name = repos.repo_name(namespace, name)
-        version = repos.resolve(name, revision)
-        files = repos.files(version)
-        card = card_metadata(registry.folder(version))
-        with_blobs = request.query_params.get("blobs") in ("1", "true", "True")
-        siblings = [
-            {"rfilename": f["path"], **({"size": f["size"], "blobId": f["oid"], "lfs": _sibling_lfs(f)} if with_blobs else {})}
-            for f in files
-        ]
-        return {
-            "_id": commit_id(version),
-            "id": f"{NAMESPACE}/{name}",
-            "modelId": f"{NAMESPACE}/{name}",
-            "author": NAMESPACE,
-            "sha": commit_id(version),
-            "lastModified": _hub_time(version.created),
-            "createdAt": _hub_time(repos.versions(name)[0].created),
-            "private": access.private,
-            "gated": False,
-            "disabled": False,
-            "library_name": "peft",
-            "pipeline_tag": "text-generation",
-            "tags": ["peft", "lora", "loraflow", version.trainer.get("name", "upload")],
-            "cardData": _card_data(registry.folder(version) / "README.md"),
-            "siblings": siblings,
-            "loraflow": {
-                "version": version.version,
-                "aliases": {alias: number for alias, number in registry.aliases(name).items()},
-                "files": version.files,
-                "base": version.base,
-                "metrics": version.metrics,
-                "lineage": card.get("lineage", []),
-            },
-        }
-
-    @app.get("/api/models/{namespace}/{name}")
-    def model_info_main(request: Request, namespace: str, name: str):
-        return model_info(request, namespace, name, "main")
-
-    @app.get("/api/models/{namespace}/{name}/revision/{revision}")
-    def model_info_revision(request: Request, namespace: str, name: str, revision: str):
-        return model_info(request, namespace, name, revision)
-
-    def tree(request: Request, namespace: str, name: str, revision: str, folder: str) -> list[dict]:
-        need_read(request)
-        name = repos.repo_name(namespace, name)
-        version = repos.resolve(name, revision)
-        recursive = request.query_params.get("recursive") in ("1", "true", "True")
-        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
-        entries, folders = [], set()
-        for entry in repos.files(version):
-            if not entry["path"].startswith(prefix):
-                continue
-            rest = entry["path"][len(prefix):]
-            if "/" in rest and not recursive:
-                folders.add(prefix + rest.split("/", 1)[0])
-                continue
-            if recursive:
-                parts = PurePosixPath(rest).parts[:-1]
-                folders.update(prefix + "/".join(parts[: depth + 1]) for depth in range(len(parts)))
-            item = {"type": "file", "path": entry["path"], "size": entry["size"], "oid": entry["oid"]}
-            if entry["lfs"]:
-                item["lfs"] = entry["lfs"]
-            entries.append(item)
-        if prefix and not entries and not folders:
-            raise HubError(404, f"{NAMESPACE}/{name}@{revision}: no folder {folder!r}.", "EntryNotFound")
-        directories = [{"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()} for path in sorted(folders)]
-        return directories + entries
-
-    @app.get("/api/models/{namespace}/{name}/tree/{revision}")
-    def tree_root(request: Request, namespace: str, name: str, revision: str):
-        return tree(request, namespace, name, revision, "")
-
-    @app.get("/api/models/{namespace}/{name}/tree/{revision}/{folder:path}")
-    def tree_folder(request: Request, namespace: str, name: str, revision: str, folder: str):
-        return tree(request, namespace, name, revision, folder)
-
-    @app.get("/api/models/{namespace}/{name}/refs")
-    def refs(request: Request, namespace: str, name: str):
-        need_read(request)
-        name = repos.repo_name(namespace, name)
-        versions = {v.version: v for v in repos.versions(name)}
-        latest = registry.get(f"{name}@latest")
-
-        def branch(branch_name: str, version: AdapterVersion) -> dict:
-            return {"name": branch_name, "ref": f"refs/heads/{branch_name}", "targetCommit": commit_id(version)}
-
-        branches = [branch("main", latest)]
-        branches += [branch(f"v{number}", version) for number, version in sorted(versions.items())]
-        branches += [branch(alias, versions[number]) for alias, number in sorted(registry.aliases(name).items()) if alias != "latest"]
-        return {"branches": branches, "tags": [], "converts": []}
-
-    @app.api_route("/{namespace}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
-    def resolve_file(request: Request, namespace: str, name: str, revision: str, path: str):
-        need_read(request)
-        name = repos.repo_name(namespace, name)
-        version = repos.resolve(name, revision)
-        relative = safe_relative(path)
-        digest = version.files.get(relative)
-        if digest is None:
-            raise HubError(404, f"{NAMESPACE}/{name}@{revision} has no file {relative!r}.", "EntryNotFound")
-        headers = {"ETag": f'"{digest}"', "X-Repo-Commit": commit_id(version), "Cache-Control": "no-cache"}
-        return FileResponse(registry.folder(version) / relative, headers=headers, media_type="application/octet-stream")
-
-    @app.post("/api/repos/create")
-    async def create_repo(request: Request):
-        need_write(request)
-        payload = await request.json()
-        if payload.get("type", "model") not in ("model", None):
-            raise HubError(400, "a loraflow hub holds model repos only.")
-        name = repos.repo_name(payload.get("organization") or NAMESPACE, str(payload.get("name", "")))
-        url = repo_url(request, name)
-        if repos.exists(name):
-            return JSONResponse({"error": "You already created this model repo", "url": url}, status_code=409)
-        return {"url": url, "name": f"{NAMESPACE}/{name}"}
-
-    @app.post("/api/models/{namespace}/{name}/preupload/{revision}")
-    async def preupload(request: Request, namespace: str, name: str, revision: str):
-        need_write(request)
-        name = repos.repo_name(namespace, name)
-        payload = await request.json()
-        current, folder = {}, None
-        match = VERSION_BRANCH.match(revision)
-        if repos.exists(name) and not (match and int(match.group(1)) == repos.next_version(name)):
-            version = repos.resolve(name, revision)
-            current, folder = {entry["path"]: entry for entry in repos.files(version)}, registry.folder(version)
-        answers = []
-        for item in payload.get("files", []):
-            path = safe_relative(item.get("path", ""))
-            mode = "lfs" if int(item.get("size", 0)) > inline_max_bytes else "regular"
-            remote = current.get(path)
-            oid = None
-            if remote:
-                oid = remote["sha256"] if mode == "lfs" else git_blob_id(folder / path)
-            answers.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
-        return {"files": answers, "commitOid": None}
-
-    @app.post("/{namespace}/{repo_git}/info/lfs/objects/batch")
-    async def lfs_batch(request: Request, namespace: str, repo_git: str):
-        need_write(request)
-        repos.repo_name(namespace, repo_git.removesuffix(".git"))
-        payload = await request.json()
-        if payload.get("operation") != "upload":
-            raise HubError(400, "this loraflow hub's LFS endpoint takes uploads only; download files with resolve/.")
-        if "basic" not in payload.get("transfers", ["basic"]):
-            raise HubError(400, "this loraflow hub offers the 'basic' LFS transfer only.")
-        objects = []
-        for item in payload.get("objects", []):
-            oid, size = str(item.get("oid", "")), int(item.get("size", 0))
-            if not re.fullmatch(r"[0-9a-f]{64}", oid):
-                objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": "oid must be a sha256"}})
-                continue
-            if repos.blob_path(oid) is not None:
-                objects.append({"oid": oid, "size": size})
-                continue
-            expires, signature = repos.sign_upload(oid, size)
-            href = f"{str(request.base_url).rstrip('/')}/api/loraflow/lfs/{oid}?size={size}&expires={expires}&signature={signature}"
-            objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": {"href": href, "expires_in": UPLOAD_URL_LIFETIME_S}}})
-        return {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
-
-    @app.put("/api/loraflow/lfs/{oid}")
-    async def lfs_upload(request: Request, oid: str, size: int, expires: int, signature: str):
-        repos.check_upload_signature(oid, size, expires, signature)
-        objects = repos.uploads / "objects"
-        objects.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=".part-", dir=objects)
-        digest, received = hashlib.sha256(), 0
-        try:
-            with os.fdopen(descriptor, "wb") as stream:
-                async for chunk in request.stream():
-                    digest.update(chunk)
-                    received += len(chunk)
-                    stream.write(chunk)
-            if digest.hexdigest() != oid or received != size:
-                raise HubError(400, f"uploaded object does not match: expected sha256 {oid} and {size} bytes, got {digest.hexdigest()} and {received}.")
-            os.replace(temporary, objects / oid)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
-        return {"oid": oid, "size": size}
-
-    @app.post("/api/models/{namespace}/{name}/commit/{revision}")
-    async def commit(request: Request, namespace: str, name: str, revision: str):
-        need_write(request)
-        name = repos.repo_name(namespace, name)
-        if request.query_params.get("create_pr") in ("1", "true", "True"):
-            raise HubError(400, "a loraflow hub has no pull requests; commit to main or to the next vN.")
-        lines = [json.loads(line) for line in (await request.body()).splitlines() if line.strip()]
-        if not lines or lines[0].get("key") != "header":
-            raise HubError(400, "a commit starts with a header line (key 'header').")
-        version = await run_in_threadpool(repos.apply_commit, name, revision, lines[0].get("value") or {}, lines[1:])
-        oid = commit_id(version)
-        return {"commitUrl": f"{repo_url(request, name)}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None, "loraflowVersion": version.version}
-
-    @app.post("/api/models/{namespace}/{name}/branch/{branch}")
-    async def create_branch(request: Request, namespace: str, name: str, branch: str):
-        need_write(request)
-        name = repos.repo_name(namespace, name)
-        payload = await request.json() if await request.body() else {}
-        match = VERSION_BRANCH.match(branch)
-        if match:
-            upcoming = repos.next_version(name)
-            if int(match.group(1)) == upcoming:
-                return {}
-            if int(match.group(1)) < upcoming:
-                raise HubError(409, f"{NAMESPACE}/{name}: branch {branch} already exists.")
-            raise HubError(409, f"{NAMESPACE}/{name}: the next version is v{upcoming}, not {branch}; this hub numbers versions itself.")
-        return _make_alias(name, branch, payload.get("startingPoint") or "main")
-
-    @app.post("/api/models/{namespace}/{name}/tag/{revision}")
-    async def create_tag(request: Request, namespace: str, name: str, revision: str):
-        need_write(request)
-        name = repos.repo_name(namespace, name)
-        payload = await request.json()
-        tag = str(payload.get("tag", ""))
-        match = VERSION_BRANCH.match(tag)
-        if match:
-            version = repos.resolve(name, revision)
-            if version.version == int(match.group(1)):
-                raise HubError(409, f"{NAMESPACE}/{name}: {tag} already names this version.")
-            raise HubError(409, f"{NAMESPACE}/{name}: {revision} is v{version.version}, so it cannot be tagged {tag}.")
-        return _make_alias(name, tag, revision)
-
-    def _make_alias(name: str, alias: str, revision: str) -> dict:
-        repos.versions(name)
-        if alias == "main" or alias in registry.aliases(name):
-            raise HubError(409, f"{NAMESPACE}/{name}: {alias} already exists.")
-        if not NAME_PATTERN.match(alias):
-            raise HubError(400, f"{alias!r} is not a valid alias: use lowercase letters, digits, '.', '_' or '-'.")
-        version = repos.resolve(name, revision)
-        registry.set_alias(version.ref, alias)
-        return {}
-
-    @app.api_route("/api/models/{namespace}/{name}/xet-{kind}-token/{revision}", methods=["GET", "POST"])
-    def xet_token(namespace: str, name: str, kind: str, revision: str):
-        raise HubError(
-            501,
-            "this loraflow hub does not speak the Xet protocol: set HF_HUB_DISABLE_XET=1 in the uploading client "
-            f"(files over {inline_max_bytes} bytes go through the LFS API).",
+    def _too_large(self, size: int) -> HubError:
+        return HubError(
+            413,
+            f"the request body is over {self.max_body_bytes} bytes (got {size}); upload big files through Git LFS "
+            "(files above the inline limit do), or start the hub with a larger --max-body-mb.",
         )
 
+
+def hub_repos(request: Request) -> HubRepos:
+    return request.app.state.repos
+
+
+Repos = Annotated[HubRepos, Depends(hub_repos)]
+
+
+def checked_repo_name(namespace: str, name: str, repos: Repos) -> str:
+    return repos.repo_name(namespace, name)
+
+
+RepoName = Annotated[str, Depends(checked_repo_name)]
+
+
+def json_body(schema: type[Schema]):
+    """A dependency that reads the body as `schema`; anything else is a 400 that says which field is wrong."""
+
+    async def read(request: Request):
+        body = await request.body()
+        try:
+            return schema.model_validate_json(body or b"{}")
+        except ValidationError as error:
+            raise HubError(400, f"{request.url.path}: bad JSON body: {describe_validation(error)}.") from None
+
+    return Depends(read)
+
+
+class _Body(Schema):
+    # Clients send fields this hub has no use for (visibility, sample, gitIgnore, hash_algo ...): ignore those.
+    model_config = ConfigDict(extra="ignore")
+
+
+class CreateRepoBody(_Body):
+    name: str
+    organization: str | None = None
+    type: str | None = None
+
+
+class PreuploadFile(_Body):
+    path: str
+    size: int = Field(ge=0)
+
+
+class PreuploadBody(_Body):
+    files: list[PreuploadFile] = []
+
+
+class LfsObject(_Body):
+    oid: str
+    size: int = Field(ge=0)
+
+
+class LfsBatchBody(_Body):
+    operation: str
+    transfers: list[str] = ["basic"]
+    objects: list[LfsObject] = []
+
+
+class BranchBody(_Body):
+    startingPoint: str | None = None
+
+
+class TagBody(_Body):
+    tag: str
+    message: str | None = None
+
+
+class ValidateYamlBody(_Body):
+    content: str = ""
+
+
+public = APIRouter()
+reads = APIRouter(dependencies=[Depends(require_read)])
+writes = APIRouter(dependencies=[Depends(require_write)])
+
+
+def _repo_url(request: Request, name: str) -> str:
+    return f"{str(request.base_url).rstrip('/')}/{repo_id(name)}"
+
+
+def _flag(request: Request, key: str) -> bool:
+    return request.query_params.get(key) in ("1", "true", "True")
+
+
+@public.get(HEALTH_ROUTE)
+def health(repos: Repos):
+    return {"status": "ok", "registry_revision": repos.registry.revision, "namespace": NAMESPACE}
+
+
+@public.get("/api/whoami-v2")
+def whoami(request: Request):
+    role = request.app.state.access.role(bearer_token(request))
+    if role in (None, "invalid"):
+        raise HubError(401, "Invalid credentials in Authorization header")
+    return {"type": "user", "name": f"loraflow-{role}", "auth": {"accessToken": {"role": role}}, "orgs": []}
+
+
+@public.post("/api/validate-yaml")
+def validate_yaml(payload: Annotated[ValidateYamlBody, json_body(ValidateYamlBody)]):
+    from huggingface_hub import RepoCard
+
+    try:
+        RepoCard(payload.content)
+    except Exception as error:  # RepoCard raises ValueError or a YAML error for bad metadata
+        return JSONResponse({"errors": [{"message": str(error)}], "warnings": []}, status_code=400)
+    return {"errors": [], "warnings": []}
+
+
+@public.put(LFS_UPLOAD_PREFIX + "{oid}")
+async def lfs_upload(request: Request, repos: Repos, oid: str, size: int, expires: int, signature: str):
+    repos.check_upload_signature(oid, size, expires, signature)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) != size:
+        raise HubError(413 if int(declared) > size else 400, f"this upload URL takes {size} bytes, not {declared}.")
+    objects = repos.uploads / "objects"
+    objects.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=".part-", dir=objects)
+    digest, received = hashlib.sha256(), 0
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            async for chunk in request.stream():
+                digest.update(chunk)
+                received += len(chunk)
+                if received > size:
+                    raise HubError(413, f"this upload URL takes {size} bytes; the body is longer.")
+                stream.write(chunk)
+        if digest.hexdigest() != oid or received != size:
+            raise HubError(
+                400,
+                f"uploaded object does not match: expected sha256 {oid} and {size} bytes, "
+                f"got {digest.hexdigest()} and {received}.",
+            )
+        os.replace(temporary, objects / oid)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return {"oid": oid, "size": size}
+
+
+@public.api_route("/api/models/{namespace}/{name}/xet-{kind}-token/{revision}", methods=["GET", "POST"])
+def xet_token(repos: Repos):
+    raise HubError(
+        501,
+        "this loraflow hub does not speak the Xet protocol: set HF_HUB_DISABLE_XET=1 in the uploading client "
+        f"(files over {repos.inline_max_bytes} bytes go through the LFS API).",
+    )
+
+
+@reads.get(REGISTRY_ROUTE)
+def registry_metadata(request: Request, repos: Repos):
+    """The registry's metadata (names, versions, states, aliases, sha256s, bases), for serving replicas to mirror.
+
+    Its ETag is the registry revision, so a replica polling with If-None-Match gets a bodiless 304 until a
+    publish. The adapter files themselves are fetched through the Hub routes and checked against the sha256s.
+    """
+    snapshot = repos.snapshot()
+    etag = f'"{snapshot.revision}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return JSONResponse(snapshot.to_dict(), headers={"ETag": etag, "Cache-Control": "no-cache"})
+
+
+@reads.get("/api/models/{namespace}/{name}")
+def model_info_live(request: Request, repos: Repos, repo: RepoName):
+    return _model_info(request, repos, repo, LIVE_BRANCH)
+
+
+@reads.get("/api/models/{namespace}/{name}/revision/{revision}")
+def model_info_revision(request: Request, repos: Repos, repo: RepoName, revision: str):
+    return _model_info(request, repos, repo, revision)
+
+
+def _model_info(request: Request, repos: Repos, name: str, revision: str) -> dict:
+    version = repos.resolve(name, revision)
+    folder = repos.registry.folder(version)
+    with_blobs = _flag(request, "blobs")
+    siblings = [
+        {"rfilename": entry["path"], **(_blob_fields(entry) if with_blobs else {})} for entry in repos.files(version)
+    ]
+    return {
+        "_id": commit_id(version),
+        "id": repo_id(name),
+        "modelId": repo_id(name),
+        "author": NAMESPACE,
+        "sha": commit_id(version),
+        "lastModified": _hub_time(version.created),
+        "createdAt": _hub_time(repos.versions(name)[0].created),
+        "private": request.app.state.access.private,
+        "gated": False,
+        "disabled": False,
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "tags": ["peft", "lora", "loraflow", version.trainer.get("name", "upload")],
+        "cardData": _card_data(folder / "README.md"),
+        "siblings": siblings,
+        "loraflow": {
+            "version": version.version,
+            "state": version.state,
+            "aliases": repos.snapshot().aliases(name),
+            "files": version.files,
+            "base": version.base,
+            "metrics": version.metrics,
+            "lineage": card_metadata(folder).get("lineage", []),
+        },
+    }
+
+
+@reads.get("/api/models/{namespace}/{name}/tree/{revision}")
+def tree_root(request: Request, repos: Repos, repo: RepoName, revision: str):
+    return _tree(repos, repo, revision, "", recursive=_flag(request, "recursive"))
+
+
+@reads.get("/api/models/{namespace}/{name}/tree/{revision}/{folder:path}")
+def tree_folder(request: Request, repos: Repos, repo: RepoName, revision: str, folder: str):
+    return _tree(repos, repo, revision, folder, recursive=_flag(request, "recursive"))
+
+
+def _tree(repos: HubRepos, name: str, revision: str, folder: str, recursive: bool) -> list[dict]:
+    version = repos.resolve(name, revision)
+    prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+    entries, folders = [], set()
+    for entry in repos.files(version):
+        if not entry["path"].startswith(prefix):
+            continue
+        rest = entry["path"][len(prefix) :]
+        if "/" in rest and not recursive:
+            folders.add(prefix + rest.split("/", 1)[0])
+            continue
+        if recursive:
+            parts = PurePosixPath(rest).parts[:-1]
+            folders.update(prefix + "/".join(parts[: depth + 1]) for depth in range(len(parts)))
+        item = {"type": "file", "path": entry["path"], "size": entry["size"], "oid": entry["oid"]}
+        if entry["lfs"]:
+            item["lfs"] = entry["lfs"]
+        entries.append(item)
+    if prefix and not entries and not folders:
+        raise HubError(404, f"{repo_id(name)}@{revision}: no folder {folder!r}.", "EntryNotFound")
+    directories = [
+        {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()} for path in sorted(folders)
+    ]
+    return directories + entries
+
+
+@reads.get("/api/models/{namespace}/{name}/refs")
+def refs(repos: Repos, repo: RepoName):
+    """main is the live version, vN each version, and every user alias a branch."""
+    versions = {version.version: version for version in repos.versions(repo)}
+    snapshot = repos.snapshot()
+
+    def branch(branch_name: str, version: AdapterVersion) -> dict:
+        return {"name": branch_name, "ref": f"refs/heads/{branch_name}", "targetCommit": commit_id(version)}
+
+    live = snapshot.live(repo)
+    branches = [branch(LIVE_BRANCH, live)] if live else []
+    branches += [branch(version_branch(number), version) for number, version in sorted(versions.items())]
+    branches += [branch(alias, versions[number]) for alias, number in sorted(snapshot.aliases(repo).items())]
+    return {"branches": branches, "tags": [], "converts": []}
+
+
+@reads.api_route("/{namespace}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
+def resolve_file(repos: Repos, repo: RepoName, revision: str, path: str):
+    version = repos.resolve(repo, revision)
+    relative = safe_relative(path)
+    digest = version.files.get(relative)
+    if digest is None:
+        raise HubError(404, f"{repo_id(repo)}@{revision} has no file {relative!r}.", "EntryNotFound")
+    served = repos.registry.folder(version) / relative
+    if served.is_symlink() or not served.is_file():  # the store holds regular files only; never follow a link out
+        raise HubError(
+            404, f"{repo_id(repo)}@{revision}: {relative!r} is not a regular file in the store.", "EntryNotFound"
+        )
+    headers = {"ETag": f'"{digest}"', "X-Repo-Commit": commit_id(version), "Cache-Control": "no-cache"}
+    return FileResponse(served, headers=headers, media_type="application/octet-stream")
+
+
+@writes.post("/api/repos/create")
+def create_repo(request: Request, repos: Repos, payload: Annotated[CreateRepoBody, json_body(CreateRepoBody)]):
+    if payload.type not in ("model", None):
+        raise HubError(400, f"a loraflow hub holds model repos only, not {payload.type!r} repos.")
+    name = repos.repo_name(payload.organization or NAMESPACE, payload.name)
+    url = _repo_url(request, name)
+    if repos.exists(name):
+        return JSONResponse({"error": "You already created this model repo", "url": url}, status_code=409)
+    return {"url": url, "name": repo_id(name)}
+
+
+@writes.post("/api/models/{namespace}/{name}/preupload/{revision}")
+def preupload(repos: Repos, repo: RepoName, revision: str, payload: Annotated[PreuploadBody, json_body(PreuploadBody)]):
+    """Which files go through LFS, and the oids the revision already has (the client skips unchanged files)."""
+    current, folder = {}, None
+    if repos.exists(repo) and version_of_branch(revision) != repos.next_version(repo):
+        version = repos.resolve(repo, revision)
+        current, folder = {entry["path"]: entry for entry in repos.files(version)}, repos.registry.folder(version)
+    answers = []
+    for item in payload.files:
+        path = safe_relative(item.path)
+        mode = "lfs" if item.size > repos.inline_max_bytes else "regular"
+        remote = current.get(path)
+        oid = None
+        if remote:
+            oid = remote["sha256"] if mode == "lfs" else git_blob_id(folder / path)
+        answers.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+    return {"files": answers, "commitOid": None}
+
+
+@writes.post("/{namespace}/{repo_git}/info/lfs/objects/batch")
+def lfs_batch(
+    request: Request,
+    repos: Repos,
+    namespace: str,
+    repo_git: str,
+    payload: Annotated[LfsBatchBody, json_body(LfsBatchBody)],
+):
+    repos.repo_name(namespace, repo_git.removesuffix(".git"))
+    if payload.operation != "upload":
+        raise HubError(400, "this loraflow hub's LFS endpoint takes uploads only; download files with resolve/.")
+    if "basic" not in payload.transfers:
+        raise HubError(400, "this loraflow hub offers the 'basic' LFS transfer only.")
+    base_url = str(request.base_url).rstrip("/")
+    objects = []
+    for item in payload.objects:
+        oid, size = item.oid, item.size
+        if not SHA256.match(oid):
+            objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": "oid must be a sha256"}})
+            continue
+        if repos.blob_path(oid) is not None:
+            objects.append({"oid": oid, "size": size})
+            continue
+        expires, signature = repos.sign_upload(oid, size)
+        href = f"{base_url}{LFS_UPLOAD_PREFIX}{oid}?size={size}&expires={expires}&signature={signature}"
+        upload = {"href": href, "expires_in": UPLOAD_URL_LIFETIME_S}
+        objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload}})
+    return {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
+
+
+@writes.post("/api/models/{namespace}/{name}/commit/{revision}")
+async def commit(request: Request, repos: Repos, repo: RepoName, revision: str):
+    """main: publish and promote; the next vN: a candidate; an alias: a candidate the alias then names."""
+    if _flag(request, "create_pr"):
+        raise HubError(400, "a loraflow hub has no pull requests; commit to main, to an alias or to the next vN.")
+    parsed = parse_commit(await request.body())
+    version = await run_in_threadpool(repos.apply_commit, repo, revision, parsed)
+    oid = commit_id(version)
+    return {
+        "commitUrl": f"{_repo_url(request, repo)}/commit/{oid}",
+        "commitOid": oid,
+        "pullRequestUrl": None,
+        "loraflowVersion": version.version,
+    }
+
+
+@writes.post("/api/models/{namespace}/{name}/branch/{branch}")
+def create_branch(repos: Repos, repo: RepoName, branch: str, payload: Annotated[BranchBody, json_body(BranchBody)]):
+    number = version_of_branch(branch)
+    if number is None:
+        return _make_alias(repos, repo, branch, payload.startingPoint or LIVE_BRANCH)
+    upcoming = repos.next_version(repo)
+    if number == upcoming:
+        return {}  # the next vN comes into being with its first commit
+    if number < upcoming:
+        raise HubError(409, f"{repo_id(repo)}: branch {branch} already exists.")
+    raise HubError(
+        409, f"{repo_id(repo)}: the next version is v{upcoming}, not {branch}; this hub numbers versions itself."
+    )
+
+
+@writes.post("/api/models/{namespace}/{name}/tag/{revision}")
+def create_tag(repos: Repos, repo: RepoName, revision: str, payload: Annotated[TagBody, json_body(TagBody)]):
+    number = version_of_branch(payload.tag)
+    if number is None:
+        return _make_alias(repos, repo, payload.tag, revision)
+    version = repos.resolve(repo, revision)
+    if version.version == number:
+        raise HubError(409, f"{repo_id(repo)}: {payload.tag} already names this version.")
+    raise HubError(409, f"{repo_id(repo)}: {revision} is v{version.version}, so it cannot be tagged {payload.tag}.")
+
+
+def _make_alias(repos: HubRepos, name: str, alias: str, revision: str) -> dict:
+    repos.versions(name)
+    if alias == LIVE_BRANCH or alias in repos.snapshot().aliases(name):
+        raise HubError(409, f"{repo_id(name)}: {alias} already exists.")
+    version = repos.resolve(name, revision)
+    repos.registry.set_alias(version.ref, alias)  # it refuses reserved and malformed aliases with a LoraflowError
+    return {}
+
+
+async def _hub_error(request: Request, error: HubError):
+    return _error_response(error)
+
+
+async def _loraflow_error(request: Request, error: LoraflowError):
+    return _error_response(HubError(400, str(error)))
+
+
+async def _invalid_request(request: Request, error: RequestValidationError):
+    problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()[:3])
+    return _error_response(HubError(400, f"{request.url.path}: bad request: {problems}."))
+
+
+async def _unexpected_error(request: Request, error: Exception):
+    # The traceback goes to the server log (Starlette re-raises after this); the client gets no internals.
+    return _error_response(HubError(500, f"internal error in the loraflow hub ({type(error).__name__}); see its log."))
+
+
+def create_app(
+    registry: Registry,
+    base: BaseModel,
+    access: HubAccess,
+    inline_max_bytes: int = INLINE_MAX_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI app. One process may serve many readers and writers; the registry's file lock orders writes."""
+    app = FastAPI(title="loraflow hub", summary="The loraflow adapter registry over the Hugging Face Hub API.")
+    app.state.repos = HubRepos(registry, base, inline_max_bytes)
+    app.state.access = access
+    app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
+    app.add_exception_handler(HubError, _hub_error)
+    app.add_exception_handler(LoraflowError, _loraflow_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Exception, _unexpected_error)
+    for router in (public, reads, writes):
+        app.include_router(router)
     return app
 
 
@@ -369,10 +535,9 @@ def _hub_time(iso: str) -> str:
     return datetime.fromisoformat(iso).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
-def _sibling_lfs(entry: dict) -> dict | None:
-    if not entry["lfs"]:
-        return None
-    return {"size": entry["size"], "sha256": entry["sha256"], "pointerSize": LFS_POINTER_SIZE}
+def _blob_fields(entry: dict) -> dict:
+    lfs = {"size": entry["size"], "sha256": entry["sha256"], "pointerSize": LFS_POINTER_SIZE} if entry["lfs"] else None
+    return {"size": entry["size"], "blobId": entry["oid"], "lfs": lfs}
 
 
 def _card_data(readme: Path) -> dict | None:
@@ -386,7 +551,16 @@ def _card_data(readme: Path) -> dict | None:
         return None
 
 
-def serve(registry: Registry, base: BaseModel, access: HubAccess, host: str, port: int, inline_max_bytes: int = INLINE_MAX_BYTES) -> None:
+def serve(
+    registry: Registry,
+    base: BaseModel,
+    access: HubAccess,
+    host: str,
+    port: int,
+    inline_max_bytes: int = INLINE_MAX_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(registry, base, access, inline_max_bytes), host=host, port=port, log_level="info")
+    app = create_app(registry, base, access, inline_max_bytes, max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level="info")

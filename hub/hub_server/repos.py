@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -11,20 +12,25 @@ import secrets
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
 
-from hub.base import BaseModel
-from hub.errors import LoraflowError
-from hub.hf import card_metadata
-from hub.registry import AdapterVersion, Registry, check_name
+from loraflow.hub.adapters import adapter_files, copy_adapter_files
+from loraflow.hub.base import BaseModel
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.hub_protocol import LIVE_BRANCH, NAMESPACE, card_metadata, repo_id, version_branch, version_of_branch
+from loraflow.hub.registry import AdapterVersion, Registry, RegistrySnapshot, check_name
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
-NAMESPACE = "loraflow"
 INLINE_MAX_BYTES = 5 * 1024 * 1024
 UPLOADS_DIR = ".hub-uploads"
 UPLOAD_URL_LIFETIME_S = 3600
 LFS_POINTER_SIZE = 134
-VERSION_BRANCH = re.compile(r"^v(\d+)$")
 COMMIT_ID = re.compile(r"^[0-9a-f]{40}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+UPLOAD_ACTOR = "hub upload"
 
 
 class HubError(Exception):
@@ -50,11 +56,153 @@ def git_blob_id(path: Path) -> str:
 
 
 def safe_relative(path: str) -> str:
-    """A repo path that stays inside the repo: no absolute paths, no '..', no empty parts."""
+    """A repo path that stays inside the repo: no absolute paths, no '..', no empty parts, no control characters."""
     pure = PurePosixPath(path)
-    if not path or pure.is_absolute() or any(part in ("", ".", "..") for part in path.split("/")):
+    if (
+        not path
+        or pure.is_absolute()
+        or any(part in ("", ".", "..") for part in path.split("/"))
+        or any(ord(character) < 32 for character in path)
+    ):
         raise HubError(400, f"path {path!r} is not allowed in a repo: use a relative path without '..'.")
     return pure.as_posix()
+
+
+def describe_validation(error: ValidationError, limit: int = 3) -> str:
+    """Pydantic's errors as 'where: what' for a message (the first few; one is usually enough to fix a client)."""
+    problems = []
+    for item in error.errors()[:limit]:
+        where = ".".join(str(part) for part in item["loc"])
+        problems.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return "; ".join(problems)
+
+
+class _Strict(Schema):
+    # Commit lines are exactly what huggingface_hub sends: an unknown key or a wrong type is a client bug to report.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CommitHeader(_Strict):
+    summary: str = ""
+    description: str = ""
+    parentCommit: str | None = None
+
+
+class AddedFile(_Strict):
+    path: str
+    content: str
+    encoding: Literal["base64"] = "base64"
+
+
+class AddedLfsFile(_Strict):
+    path: str
+    oid: str
+    algo: Literal["sha256"] = "sha256"
+    size: int | None = None
+
+
+class DeletedPath(_Strict):
+    path: str
+
+
+class _HeaderLine(_Strict):
+    key: Literal["header"]
+    value: CommitHeader
+
+
+class _FileLine(_Strict):
+    key: Literal["file"]
+    value: AddedFile
+
+
+class _LfsFileLine(_Strict):
+    key: Literal["lfsFile"]
+    value: AddedLfsFile
+
+
+class _DeletedFileLine(_Strict):
+    key: Literal["deletedFile"]
+    value: DeletedPath
+
+
+class _DeletedFolderLine(_Strict):
+    key: Literal["deletedFolder"]
+    value: DeletedPath
+
+
+_OPERATION_LINE = TypeAdapter(
+    Annotated[_FileLine | _LfsFileLine | _DeletedFileLine | _DeletedFolderLine, Field(discriminator="key")]
+)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One checked commit operation: write `content`, copy the LFS object `oid`, or delete a file or folder."""
+
+    action: Literal["write", "lfs", "delete-file", "delete-folder"]
+    path: str
+    content: bytes = b""
+    oid: str = ""
+
+
+@dataclass(frozen=True)
+class Commit:
+    header: CommitHeader
+    changes: list[Change]
+
+
+def parse_commit(body: bytes) -> Commit:
+    """The NDJSON commit body, every line checked before any is acted on: a header line, then operations."""
+    lines = [(number, line) for number, line in enumerate(body.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise HubError(400, "the commit body is empty: send a header line (key 'header'), then one line per operation.")
+    parsed = []
+    for number, line in lines:
+        try:
+            parsed.append((number, json.loads(line)))
+        except (ValueError, RecursionError) as error:  # ValueError covers bad JSON and bytes that are not UTF-8
+            raise HubError(400, f"commit line {number} is not valid JSON ({error}); send one JSON object per line.")
+    first_number, first = parsed[0]
+    if not isinstance(first, dict) or first.get("key") != "header":
+        raise HubError(400, f"commit line {first_number}: a commit starts with a header line {{'key': 'header', ...}}.")
+    try:
+        header = _HeaderLine.model_validate(first).value
+    except ValidationError as error:
+        raise HubError(400, f"commit line {first_number} (header): {describe_validation(error)}.") from None
+    return Commit(header, [_change(number, line) for number, line in parsed[1:]])
+
+
+def _change(number: int, line) -> Change:
+    if not isinstance(line, dict):
+        raise HubError(400, f"commit line {number} is a JSON {type(line).__name__}, not an object with key and value.")
+    try:
+        operation = _OPERATION_LINE.validate_python(line).value
+    except ValidationError as error:
+        raise HubError(400, f"commit line {number}: {describe_validation(error)}.") from None
+    where = f"commit line {number} ({line['key']} {operation.path!r})"
+    try:
+        path = safe_relative(operation.path)
+    except HubError as error:
+        raise HubError(400, f"{where}: {error.message}") from None
+    if isinstance(operation, AddedFile):
+        try:
+            return Change("write", path, content=base64.b64decode(operation.content, validate=True))
+        except binascii.Error:
+            raise HubError(400, f"{where}: content is not valid base64.") from None
+    if isinstance(operation, AddedLfsFile):
+        if not SHA256.match(operation.oid):
+            raise HubError(400, f"{where}: oid must be the file's sha256 as 64 lowercase hex digits.")
+        return Change("lfs", path, oid=operation.oid)
+    return Change("delete-file" if line["key"] == "deletedFile" else "delete-folder", path)
+
+
+@dataclass(frozen=True)
+class CommitPlan:
+    """What a commit to a revision does: the version it builds on, and what the new version becomes."""
+
+    base: AdapterVersion | None
+    promote: bool
+    alias: str | None
 
 
 class HubRepos:
@@ -69,41 +217,54 @@ class HubRepos:
 
     def repo_name(self, namespace: str, name: str) -> str:
         if namespace != NAMESPACE:
-            raise HubError(404, f"this loraflow hub holds repos under {NAMESPACE}/ only, not {namespace}/.", "RepoNotFound")
+            raise HubError(
+                404, f"this loraflow hub holds repos under {NAMESPACE}/ only, not {namespace}/.", "RepoNotFound"
+            )
         try:
             return check_name(name)
-        except LoraflowError as error:
-            raise HubError(404, str(error), "RepoNotFound") from None
+        except LoraflowError:
+            lowered = f" (did you mean {repo_id(name.lower())}?)" if _is_valid_name(name.lower()) else ""
+            raise HubError(
+                400,
+                f"{namespace}/{name} is not a valid repo name on a loraflow hub{lowered}: names are lowercase, "
+                "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+                "InvalidRepoName",
+            ) from None
+
+    def snapshot(self) -> RegistrySnapshot:
+        return self.registry.snapshot()
 
     def exists(self, name: str) -> bool:
-        return name in self.registry.names()
+        return self.snapshot().has(name)
 
     def versions(self, name: str) -> list[AdapterVersion]:
         if not self.exists(name):
-            raise HubError(404, f"{NAMESPACE}/{name}: no such repo; publish or upload a version first.", "RepoNotFound")
-        return self.registry.versions(name)
+            raise HubError(404, f"{repo_id(name)}: no such repo; publish or upload a version first.", "RepoNotFound")
+        return self.snapshot().versions(name)
 
     def resolve(self, name: str, revision: str) -> AdapterVersion:
-        """main, vN, an alias or a commit id, to one version."""
+        """main (the live version), vN, an alias or a commit id, to one version."""
         versions = self.versions(name)
-        match = VERSION_BRANCH.match(revision)
-        if revision == "main":
-            return self.registry.get(f"{name}@latest")
-        if match:
-            for version in versions:
-                if version.version == int(match.group(1)):
-                    return version
-        elif COMMIT_ID.match(revision):
-            for version in versions:
-                if commit_id(version) == revision:
-                    return version
-        elif revision in self.registry.aliases(name):
-            return self.registry.get(f"{name}@{revision}")
-        known = ", ".join(["main", *(f"v{v.version}" for v in versions), *sorted(self.registry.aliases(name))])
-        raise HubError(404, f"{NAMESPACE}/{name} has no revision {revision!r}; it has {known}.", "RevisionNotFound")
+        snapshot = self.snapshot()
+        number = version_of_branch(revision)
+        if revision == LIVE_BRANCH:
+            live = snapshot.live(name)
+            if live is not None:
+                return live
+            raise HubError(
+                404, f"{repo_id(name)}: main is the live version, and {name} has none now.", "RevisionNotFound"
+            )
+        for version in versions:
+            if version.version == number or (COMMIT_ID.match(revision) and commit_id(version) == revision):
+                return version
+        if number is None and revision in snapshot.aliases(name):
+            return snapshot.resolve(f"{name}@{revision}")
+        branches = [version_branch(v.version) for v in versions]
+        known = ", ".join([LIVE_BRANCH, *branches, *sorted(snapshot.aliases(name))])
+        raise HubError(404, f"{repo_id(name)} has no revision {revision!r}; it has {known}.", "RevisionNotFound")
 
     def next_version(self, name: str) -> int:
-        return max((v.version for v in self.registry.versions(name)), default=0) + 1 if self.exists(name) else 1
+        return self.snapshot().latest(name).version + 1 if self.exists(name) else 1
 
     def files(self, version: AdapterVersion) -> list[dict]:
         """One entry per file with its size, sha256 and whether it is served as an LFS file."""
@@ -113,13 +274,15 @@ class HubRepos:
             path = folder / relative
             size = path.stat().st_size
             lfs = size > self.inline_max_bytes
-            entries.append({
-                "path": relative,
-                "size": size,
-                "sha256": digest,
-                "oid": digest if lfs else git_blob_id(path),
-                "lfs": {"oid": digest, "size": size, "pointerSize": LFS_POINTER_SIZE} if lfs else None,
-            })
+            entries.append(
+                {
+                    "path": relative,
+                    "size": size,
+                    "sha256": digest,
+                    "oid": digest if lfs else git_blob_id(path),
+                    "lfs": {"oid": digest, "size": size, "pointerSize": LFS_POINTER_SIZE} if lfs else None,
+                }
+            )
         return entries
 
     def blob_path(self, oid: str) -> Path | None:
@@ -127,103 +290,102 @@ class HubRepos:
         uploaded = self.uploads / "objects" / oid
         if uploaded.is_file():
             return uploaded
-        for name in self.registry.names():
-            for version in self.registry.versions(name):
+        snapshot = self.snapshot()
+        for name in snapshot.names():
+            for version in snapshot.versions(name):
                 for relative, digest in version.files.items():
                     if digest == oid:
                         return self.registry.folder(version) / relative
         return None
 
-    def commit_base(self, name: str, revision: str, parent_commit: str | None) -> AdapterVersion | None:
-        """The version a commit builds on (None: an empty tree). Versions themselves never change."""
-        match = VERSION_BRANCH.match(revision)
-        upcoming = self.next_version(name)
-        if match:
-            if int(match.group(1)) != upcoming:
+    def commit_plan(self, name: str, revision: str, parent_commit: str | None) -> CommitPlan:
+        """main: the live files plus the commit, promoted; the next vN: the commit alone, a candidate;
+        an alias: its version's files plus the commit, a candidate the alias then names. Versions never change."""
+        snapshot = self.snapshot()
+        exists = snapshot.has(name)
+        number = version_of_branch(revision)
+        if number is not None:
+            upcoming = self.next_version(name)
+            if number != upcoming:
                 raise HubError(
                     409,
-                    f"{NAMESPACE}/{name}: v{match.group(1)} cannot take a commit; versions are immutable and this "
-                    f"hub numbers them itself. The next version is v{upcoming}: commit to v{upcoming} or to main.",
+                    f"{repo_id(name)}: v{number} cannot take a commit; versions are immutable and this hub numbers "
+                    f"them itself. The next version is v{upcoming}: commit to v{upcoming} (a candidate) or to main "
+                    "(published and made live).",
                 )
-            base = None
-        elif revision == "main" and not self.exists(name):
-            base = None
-        elif revision == "main" or (self.exists(name) and revision in self.registry.aliases(name)):
-            base = self.resolve(name, revision)
+            plan = CommitPlan(base=None, promote=False, alias=None)
+        elif revision == LIVE_BRANCH:
+            plan = CommitPlan(base=snapshot.live(name) if exists else None, promote=True, alias=None)
+        elif exists and revision in snapshot.aliases(name):
+            plan = CommitPlan(base=snapshot.resolve(f"{name}@{revision}"), promote=False, alias=revision)
         else:
             raise HubError(
-                404, f"{NAMESPACE}/{name}: commit to main, to an alias, or to the next vN; not to {revision!r}.", "RevisionNotFound"
+                404,
+                f"{repo_id(name)}: commit to main, to an alias, or to the next vN; not to {revision!r}.",
+                "RevisionNotFound",
             )
-        current = commit_id(base) if base else None
+        current = commit_id(plan.base) if plan.base else None
         if parent_commit and parent_commit != current:
-            raise HubError(412, f"{NAMESPACE}/{name}@{revision} is at {current}, not at parent commit {parent_commit}; fetch and retry.")
-        return base
+            raise HubError(
+                412,
+                f"{repo_id(name)}@{revision} is at {current}, not at parent commit {parent_commit}; fetch and retry.",
+            )
+        return plan
 
-    def apply_commit(self, name: str, revision: str, header: dict, operations: list[dict]) -> AdapterVersion:
-        """Build the new tree in a staging folder, then hand it to Registry.publish."""
-        base = self.commit_base(name, revision, header.get("parentCommit"))
+    def apply_commit(self, name: str, revision: str, commit: Commit) -> AdapterVersion:
+        """Build the new tree in a staging folder, then hand it to Registry.publish (one atomic write)."""
+        plan = self.commit_plan(name, revision, commit.header.parentCommit)
+        sources = {change.oid: self.blob_path(change.oid) for change in commit.changes if change.action == "lfs"}
+        for change in commit.changes:
+            if change.action == "lfs" and sources[change.oid] is None:
+                raise HubError(
+                    422,
+                    f"{change.path}: LFS object {change.oid} was never uploaded; upload it through the LFS batch API.",
+                )
         self.sweep_stale_uploads()
         self.uploads.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=self.uploads))
-        used_objects = []
         try:
-            if base is not None:
-                shutil.copytree(self.registry.folder(base), staging, dirs_exist_ok=True)
-            for operation in operations:
-                used_objects += self._apply_operation(staging, operation)
-            card = card_metadata(staging)
-            try:
-                version = self.registry.publish(
-                    staging,
-                    name,
-                    base=self.base,
-                    trainer=card.get("trainer") or {"name": "upload"},
-                    metrics=card.get("metrics") or {},
-                    provenance={
-                        "source": "hub-upload",
-                        "revision": revision,
-                        "summary": header.get("summary", ""),
-                        "card_lineage": card.get("lineage", []),
-                    },
-                )
-            except LoraflowError as error:
-                message = str(error).replace(str(staging), f"{NAMESPACE}/{name}@{revision}")
-                raise HubError(422, f"upload refused: {message}") from None
-            if revision != "main" and not VERSION_BRANCH.match(revision):
-                self.registry.set_alias(version.ref, revision)
+            if plan.base is not None:
+                source = self.registry.folder(plan.base)
+                copy_adapter_files(source, staging, adapter_files(source))
+            for change in commit.changes:
+                _apply_change(staging, change, sources.get(change.oid))
+            version = self._publish(staging, name, revision, commit.header, plan)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        for path in used_objects:
-            if path.parent == self.uploads / "objects":
+        for path in sources.values():
+            if path is not None and path.parent == self.uploads / "objects":
                 path.unlink(missing_ok=True)
         return version
 
-    def _apply_operation(self, staging: Path, operation: dict) -> list[Path]:
-        key, value = operation.get("key"), operation.get("value") or {}
-        if key in ("file", "lfsFile", "deletedFile", "deletedFolder"):
-            target = staging / safe_relative(value.get("path", ""))
-        else:
-            raise HubError(400, f"commit operation {key!r} is not supported by a loraflow hub.")
-        if key == "file":
-            if value.get("encoding", "base64") != "base64":
-                raise HubError(400, f"{value['path']}: only base64 file content is supported.")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(base64.b64decode(value.get("content", "")))
-            return []
-        if key == "lfsFile":
-            source = self.blob_path(str(value.get("oid", "")))
-            if source is None:
-                raise HubError(422, f"{value['path']}: LFS object {value.get('oid')} was never uploaded; upload it first.")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-            return [source]
-        if key == "deletedFile":
-            if not target.is_file():
-                raise HubError(404, f"{value['path']}: A file with this name doesn't exist in the revision.", "EntryNotFound")
-            target.unlink()
-            return []
-        shutil.rmtree(target, ignore_errors=True)
-        return []
+    def _publish(
+        self, staging: Path, name: str, revision: str, header: CommitHeader, plan: CommitPlan
+    ) -> AdapterVersion:
+        card = card_metadata(staging)
+        try:
+            version = self.registry.publish(
+                staging,
+                name,
+                base=self.base,
+                trainer=card.get("trainer") or {"name": "upload"},
+                metrics=card.get("metrics") or {},
+                provenance={
+                    "source": "hub-upload",
+                    "revision": revision,
+                    "summary": header.summary,
+                    "card_lineage": card.get("lineage", []),
+                },
+                promote=plan.promote,
+                actor=UPLOAD_ACTOR,
+                reason=header.summary or f"commit to {revision}",
+            )
+        except LoraflowError as error:
+            message = str(error).replace(str(staging), f"{repo_id(name)}@{revision}")
+            raise HubError(422, f"upload refused: {message}") from None
+        if plan.alias:
+            self.registry.set_alias(version.ref, plan.alias)
+        return version
 
     def sweep_stale_uploads(self, older_than_s: float = 24 * 3600) -> None:
         """LFS objects never committed, and staging left by a killed server, go after a day."""
@@ -245,3 +407,32 @@ class HubRepos:
         expected = hmac.new(self.secret, f"{oid}:{size}:{expires}".encode(), hashlib.sha256).hexdigest()
         if expires < time.time() or not hmac.compare_digest(expected, signature):
             raise HubError(403, "this upload URL is invalid or expired; ask the LFS batch endpoint for a new one.")
+
+
+def _is_valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except LoraflowError:
+        return False
+    return True
+
+
+def _apply_change(staging: Path, change: Change, lfs_source: Path | None) -> None:
+    target = staging / change.path
+    try:
+        if change.action == "write":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(change.content)
+        elif change.action == "lfs":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(lfs_source, target)
+        elif change.action == "delete-file":
+            if not target.is_file():
+                raise HubError(
+                    404, f"{change.path}: A file with this name doesn't exist in the revision.", "EntryNotFound"
+                )
+            target.unlink()
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+    except OSError as error:  # a path that is a file and a folder at once, or too long for the file system
+        raise HubError(422, f"{change.path}: cannot be part of the new version ({error.strerror}).") from None

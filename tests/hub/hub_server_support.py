@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
+from loraflow.hub.registry import Registry
 
-from hub.registry import Registry
 from tests.conftest import REPO
 
 WRITE_TOKEN = "hf_loraflow_test_write_token"
@@ -36,9 +36,20 @@ class HubServer:
         tokens.write_text(f"{WRITE_TOKEN}\n{READ_TOKEN} read\n")
         self.log = open(root / "server.log", "w")
         port = self.endpoint.rsplit(":", 1)[1]
+        command = [sys.executable, "-m", "loraflow.hub.cli", "--registry", str(self.registry.path), "hub", "serve"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hub.cli", "--registry", str(self.registry.path), "hub", "serve", "--port", port,
-             "--base", str(base_path), "--tokens", str(tokens), "--inline-limit-mb", INLINE_LIMIT_MB, *extra],
+            [
+                *command,
+                "--port",
+                port,
+                "--base",
+                str(base_path),
+                "--tokens",
+                str(tokens),
+                "--inline-limit-mb",
+                INLINE_LIMIT_MB,
+                *extra,
+            ],
             cwd=REPO,
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hub.base import BASE_RECORD, resolve_base
-from hub.errors import LoraflowError
+from loraflow.hub.base import BASE_RECORD, DEFAULT_BASE, resolve_base
+from loraflow.hub.errors import LoraflowError
 
 
 @pytest.mark.e2e
@@ -16,15 +16,18 @@ def test_packaged_gguf_converts_to_a_model_that_knows_paris(tmp_path, monkeypatc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path))
-    base = resolve_base("smollm2-135m")
-    assert base.path == (tmp_path / "bases" / "smollm2-135m").resolve()
+    base = resolve_base(DEFAULT_BASE)
+    assert base.path == (tmp_path / "bases" / DEFAULT_BASE).resolve()
     assert base.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base.fingerprint == smollm2.fingerprint  # the conversion is reproducible
     assert json.loads((base.path / BASE_RECORD).read_text())["fingerprint"] == base.fingerprint
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     output = model.generate(**prompt, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -32,7 +35,7 @@ def test_packaged_gguf_converts_to_a_model_that_knows_paris(tmp_path, monkeypatc
 
 
 def test_second_resolve_reuses_the_cache(smollm2):
-    again = resolve_base("smollm2-135m")
+    again = resolve_base(DEFAULT_BASE)
     assert again == smollm2
 
 

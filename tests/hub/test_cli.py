@@ -1,4 +1,4 @@
-"""The loraflow command end to end on the tiny model: help everywhere, train -> publish -> load in PEFT, clear errors."""
+"""The loraflow command end to end on the tiny model: help everywhere, train -> publish -> load in PEFT, errors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _all_commands(command: click.Command, path=()):
 
 
 def test_every_command_has_help(capsys):
-    from hub.cli import build_cli
+    from loraflow.hub.cli import build_cli
 
     root = build_cli()
     paths = list(_all_commands(root))
@@ -42,8 +42,22 @@ def trained(tiny_base, tmp_path_factory):
     config = registry.parent / "lora.yaml"
     config.write_text("learning_rate: 0.001\nlora_r: 4\nmax_steps: 3\n")
     result = run_loraflow(
-        "--registry", str(registry), "train", "lora", "--data", str(PIRATE / "train.jsonl"), "--name", "pirate",
-        "--base", str(tiny_base.path), "--config", str(config), "--max-steps", "2", "--max-length", "64",
+        "--registry",
+        str(registry),
+        "train",
+        "lora",
+        "--data",
+        str(PIRATE / "train.jsonl"),
+        "--name",
+        "pirate",
+        "--base",
+        str(tiny_base.path),
+        "--config",
+        str(config),
+        "--max-steps",
+        "2",
+        "--max-length",
+        "64",
         env={"LORAFLOW_CACHE": str(registry.parent / "cache")},
     )
     return registry, result
@@ -52,7 +66,7 @@ def trained(tiny_base, tmp_path_factory):
 def test_train_publishes_version_one_with_metrics(trained):
     registry_path, result = trained
     assert "published pirate@1" in result.stdout
-    from hub.registry import Registry
+    from loraflow.hub.registry import Registry
 
     version = Registry(registry_path).get("pirate")
     assert version.version == 1 and version.trainer["name"] == "lora"
@@ -67,10 +81,9 @@ def test_train_publishes_version_one_with_metrics(trained):
 
 def test_published_adapter_loads_in_plain_peft_and_generates(trained, tiny_base):
     import torch
+    from loraflow.hub.registry import Registry
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hub.registry import Registry
 
     registry = Registry(trained[0])
     folder = registry.folder(registry.get("pirate@1"))
@@ -90,15 +103,63 @@ def test_published_adapter_loads_in_plain_peft_and_generates(trained, tiny_base)
 
 def test_registry_commands(trained, tiny_base, tiny_adapter):
     registry = str(trained[0])
-    run_loraflow("--registry", registry, "registry", "publish", str(tiny_adapter), "--name", "pirate", "--base", str(tiny_base.path), "--parent", "pirate@1")
+    published = run_loraflow(
+        "--registry",
+        registry,
+        "registry",
+        "publish",
+        str(tiny_adapter),
+        "--name",
+        "pirate",
+        "--base",
+        str(tiny_base.path),
+        "--parent",
+        "pirate@1",
+    ).stdout
+    assert "published pirate@2 (candidate)" in published and "loraflow promote pirate@2" in published
     listing = run_loraflow("--registry", registry, "registry", "list").stdout
-    assert "pirate" in listing and "1,2" in listing
+    assert "pirate" in listing and "1 live, 2 candidate" in listing
     shown = json.loads(run_loraflow("--registry", registry, "registry", "show", "pirate@2").stdout)
-    assert shown["parent"] == "pirate@1" and shown["lineage"] == ["pirate@1", "pirate@2"]
+    assert (
+        shown["parent"] == "pirate@1" and shown["lineage"] == ["pirate@1", "pirate@2"] and shown["state"] == "candidate"
+    )
     run_loraflow("--registry", registry, "registry", "alias", "pirate@1", "production")
-    assert json.loads(run_loraflow("--registry", registry, "registry", "show", "pirate@production").stdout)["version"] == 1
+    assert (
+        json.loads(run_loraflow("--registry", registry, "registry", "show", "pirate@production").stdout)["version"] == 1
+    )
     run_loraflow("--registry", registry, "registry", "rm", "pirate@2")
-    assert "1,2" not in run_loraflow("--registry", registry, "registry", "list").stdout
+    assert "2 candidate" not in run_loraflow("--registry", registry, "registry", "list").stdout
+
+
+def test_promote_rollback_and_history_commands(tmp_path, tiny_base, tiny_adapter):
+    registry = ["--registry", str(tmp_path / "registry.json")]
+    for _ in range(2):
+        run_loraflow(
+            *registry, "registry", "publish", str(tiny_adapter), "--name", "tone", "--base", str(tiny_base.path)
+        )
+    assert (
+        "tone → tone@2 (live), was tone@1" in run_loraflow(*registry, "promote", "tone@2", "--reason", "better").stdout
+    )
+    assert "tone@2 rejected" in run_loraflow(*registry, "rollback", "tone", "--reason", "users complained").stdout
+    history = run_loraflow(*registry, "registry", "history", "tone").stdout
+    for expected in ("promote", "better", "rollback", "users complained", "tone@2"):
+        assert expected in history
+    refused = run_loraflow(*registry, "rollback", "tone", check=False)
+    assert refused.returncode == 2 and "no earlier live version" in refused.stderr
+    latest = run_loraflow(*registry, "registry", "alias", "tone@1", "latest", check=False)
+    assert latest.returncode == 2 and "reserved" in latest.stderr
+    promoted = run_loraflow(
+        *registry,
+        "registry",
+        "publish",
+        str(tiny_adapter),
+        "--name",
+        "tone",
+        "--base",
+        str(tiny_base.path),
+        "--promote",
+    )
+    assert "published tone@3 (live)" in promoted.stdout
 
 
 @pytest.mark.parametrize(
@@ -107,7 +168,10 @@ def test_registry_commands(trained, tiny_base, tiny_adapter):
         (["registry", "show", "ghost"], "no adapter named 'ghost'"),
         (["registry", "show", "../etc"], "not allowed"),
         (["train", "lora", "--data", str(PIRATE / "prefs.jsonl"), "--name", "x"], "this is preference data"),
-        (["train", "lora", "--data", str(PIRATE / "train.jsonl"), "--name", "x", "--learning-rate", "-1"], "learning_rate must be positive"),
+        (
+            ["train", "lora", "--data", str(PIRATE / "train.jsonl"), "--name", "x", "--learning-rate", "-1"],
+            "learning_rate must be positive",
+        ),
         (["train", "lora", "--data", str(PIRATE / "train.jsonl"), "--name", "../x"], "not allowed"),
     ],
 )
@@ -123,5 +187,16 @@ def test_pickle_adapter_refused_from_cli(tmp_path, tiny_base, tiny_adapter):
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_adapter, folder)
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
-    result = run_loraflow("--registry", str(tmp_path / "r.json"), "registry", "publish", str(folder), "--name", "p", "--base", str(tiny_base.path), check=False)
+    result = run_loraflow(
+        "--registry",
+        str(tmp_path / "r.json"),
+        "registry",
+        "publish",
+        str(folder),
+        "--name",
+        "p",
+        "--base",
+        str(tiny_base.path),
+        check=False,
+    )
     assert result.returncode == 2 and "pickle weights are refused" in result.stderr

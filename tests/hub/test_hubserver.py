@@ -28,11 +28,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from loraflow.hub.adapters import sha256_file
+from loraflow.hub.registry import Registry
 
-from hub.adapters import sha256_file
-from hub.registry import Registry
 from tests.conftest import REPO, make_adapter, run_loraflow
 from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer
+
 
 @pytest.fixture(scope="module")
 def hub_server(tiny_base, tmp_path_factory):
@@ -78,16 +79,21 @@ def test_upload_folder_then_info_listing_and_snapshot_download(hub_server, api, 
     assert siblings["adapter_config.json"].lfs is None
     assert sorted(api.list_repo_files("loraflow/parrot")) == sorted(version.files)
 
-    download = Path(snapshot_download("loraflow/parrot", endpoint=hub_server.endpoint, cache_dir=tmp_path / "cache", token=False))
+    download = Path(
+        snapshot_download("loraflow/parrot", endpoint=hub_server.endpoint, cache_dir=tmp_path / "cache", token=False)
+    )
     for relative in version.files:
         assert (download / relative).read_bytes() == (tiny_adapter / relative).read_bytes()
 
-    # A commit to main holds only what changed; the new version keeps the rest, and v1 stays as it was.
+    # A commit to main holds only what changed; the new version keeps the rest, is promoted, and v1 stays as it was.
     api.upload_file(path_or_fileobj=b"# parrot\n", path_in_repo="README.md", repo_id="loraflow/parrot")
-    second = hub_server.registry.get("parrot@latest")
+    second = hub_server.registry.get("parrot")
     assert second.version == 2 and set(second.files) == set(version.files) | {"README.md"}
+    assert second.state == "live" and hub_server.registry.get("parrot@1").state == "retired"
     assert api.model_info("loraflow/parrot", revision="v1").sha == commit.oid
-    readme = hf_hub_download("loraflow/parrot", "README.md", revision="main", endpoint=hub_server.endpoint, cache_dir=tmp_path / "cache")
+    readme = hf_hub_download(
+        "loraflow/parrot", "README.md", revision="main", endpoint=hub_server.endpoint, cache_dir=tmp_path / "cache"
+    )
     assert Path(readme).read_text() == "# parrot\n"
     refs = api.list_repo_refs("loraflow/parrot")
     assert {ref.name for ref in refs.branches} >= {"main", "v1", "v2"}
@@ -182,7 +188,7 @@ def test_peft_vllm_resolver_and_pull_to_cache_through_hf_endpoint(hub_server, ap
 import json, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from hub.hf import pull_to_cache
+from loraflow.hub.hf import pull_to_cache
 
 ids = torch.tensor([[1, 2, 3, 4]])
 def logits(adapter):
@@ -193,17 +199,22 @@ cached = pull_to_cache({hub_server.endpoint!r}, "peft-tiny", "v1", cache_dir={st
 import asyncio
 from vllm.plugins.lora_resolvers.hf_hub_resolver import HfHubResolver
 request = asyncio.run(HfHubResolver(["loraflow/peft-tiny"]).resolve_lora({str(tiny_base.path)!r}, "loraflow/peft-tiny"))
-print(json.dumps({{"hub": logits("loraflow/peft-tiny"), "local": logits({str(tiny_adapter)!r}), "cached": str(cached), "vllm": request.lora_path}}))
+answer = {{"hub": logits("loraflow/peft-tiny"), "local": logits({str(tiny_adapter)!r})}}
+print(json.dumps({{**answer, "cached": str(cached), "vllm": request.lora_path}}))
 """
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
         env={**os.environ, **_client_env(hub_server, token=None), "HF_HUB_CACHE": str(tmp_path / "hf")},
     )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["hub"] == answer["local"]
     for folder in (answer["cached"], answer["vllm"]):
-        assert (Path(folder) / "adapter_model.safetensors").read_bytes() == (tiny_adapter / "adapter_model.safetensors").read_bytes()
+        weights = (Path(folder) / "adapter_model.safetensors").read_bytes()
+        assert weights == (tiny_adapter / "adapter_model.safetensors").read_bytes()
 
 
 def test_loraflow_push_and_pull_against_the_server(hub_server, tiny_base, tmp_path):
@@ -211,69 +222,158 @@ def test_loraflow_push_and_pull_against_the_server(hub_server, tiny_base, tmp_pa
 
     local = tmp_path / "local" / "registry.json"
     registry = Registry(local)
-    first = registry.publish(make_adapter(tiny_base, tmp_path / "a1", seed=1), "shanty", base=tiny_base, trainer={"name": "lora"}, metrics={"eval_loss": 1.25})
-    registry.publish(make_adapter(tiny_base, tmp_path / "a2", seed=2), "shanty", base=tiny_base, trainer={"name": "dpo"}, parent="shanty@1")
+    first = registry.publish(
+        make_adapter(tiny_base, tmp_path / "a1", seed=1),
+        "shanty",
+        base=tiny_base,
+        trainer={"name": "lora"},
+        metrics={"eval_loss": 1.25},
+    )
+    second = registry.publish(
+        make_adapter(tiny_base, tmp_path / "a2", seed=2),
+        "shanty",
+        base=tiny_base,
+        trainer={"name": "dpo"},
+        parent="shanty@1",
+    )
     env = _client_env(hub_server)
+    reader = HfApi(endpoint=hub_server.endpoint, token=False)
 
-    pushed = run_loraflow("--registry", str(local), "push", "shanty@1", "--to-hub", "loraflow/shanty", env=env)
-    assert "loraflow/shanty@v1" in pushed.stdout
-    run_loraflow("--registry", str(local), "push", "shanty", "--to-hub", "loraflow/shanty", env=env)
-    info = HfApi(endpoint=hub_server.endpoint, token=False).model_info("loraflow/shanty")
+    def push(ref: str):
+        return run_loraflow("--registry", str(local), "push", ref, "--to-hub", "loraflow/shanty", env=env)
+
+    # NAME@V becomes a candidate on the server's next vN; main stays on the live version.
+    assert "loraflow/shanty@v1" in push("shanty@1").stdout
+    assert "loraflow/shanty@v2" in push("shanty@2").stdout
+    assert hub_server.registry.get("shanty@2").state == "candidate"
+    assert reader.model_info("loraflow/shanty").loraflow["version"] == 1
+    info = reader.model_info("loraflow/shanty", revision="v2")
     assert info.card_data.base_model == tiny_base.hub_id and info.card_data.library_name == "peft"
     assert "dpo" in info.card_data.tags
-    assert info.loraflow["version"] == 2 and info.loraflow["lineage"] == ["shanty@1", "shanty@2"]
-    assert hub_server.registry.get("shanty@latest").version == 2  # main already held v2: no empty version
+    assert info.loraflow["lineage"] == ["shanty@1", "shanty@2"] and info.loraflow["state"] == "candidate"
     assert hub_server.registry.get("shanty@1").metrics == {"eval_loss": 1.25}
-    assert hub_server.registry.get("shanty@2").files["adapter_model.safetensors"] == registry.get("shanty@2").files["adapter_model.safetensors"]
 
-    # Pushing an alias names it on the server too; pushing it again with no change makes no version.
+    # NAME is the live version: once promoted here, pushing it commits to main, which the server promotes.
+    registry.promote(second.ref)
+    push("shanty")
+    live = hub_server.registry.get("shanty")
+    assert live.version == 3 and live.files["adapter_model.safetensors"] == second.files["adapter_model.safetensors"]
+    assert reader.model_info("loraflow/shanty").loraflow["version"] == 3
+    push("shanty")
+    assert hub_server.registry.get("shanty@latest").version == 3  # main already held it: no empty version
+
+    # Pushing an alias makes a candidate the server's alias names; pushing it again with no change makes none.
     registry.set_alias("shanty@1", "production")
     for _ in range(2):
-        run_loraflow("--registry", str(local), "push", "shanty@production", "--to-hub", "loraflow/shanty", env=env)
+        push("shanty@production")
     production = hub_server.registry.get("shanty@production")
-    assert production.version == 3 and hub_server.registry.get("shanty@latest").version == 3
+    assert production.version == 4 and production.state == "candidate"
+    assert hub_server.registry.get("shanty@latest").version == 4 and hub_server.registry.get("shanty").version == 3
     assert production.files["adapter_model.safetensors"] == first.files["adapter_model.safetensors"]
 
-    refused = run_loraflow("--registry", str(local), "push", "shanty", "--to-hub", "loraflow/shanty", env=_client_env(hub_server, READ_TOKEN), check=False)
-    assert refused.returncode == 2 and "HTTP 403" in refused.stderr and READ_TOKEN not in refused.stderr + refused.stdout
+    read_only = _client_env(hub_server, READ_TOKEN)
+    refused = run_loraflow(
+        "--registry", str(local), "push", "shanty", "--to-hub", "loraflow/shanty", env=read_only, check=False
+    )
+    assert refused.returncode == 2 and "HTTP 403" in refused.stderr
+    assert READ_TOKEN not in refused.stderr + refused.stdout
 
     other = tmp_path / "other" / "registry.json"
-    run_loraflow("--registry", str(other), "pull", "loraflow/shanty@v1", "--name", "shanty-copy", "--base", str(tiny_base.path), env=env)
+    run_loraflow(
+        "--registry",
+        str(other),
+        "pull",
+        "loraflow/shanty@v1",
+        "--name",
+        "shanty-copy",
+        "--base",
+        str(tiny_base.path),
+        env=env,
+    )
     copy = Registry(other).get("shanty-copy@1")
     assert copy.files["adapter_model.safetensors"] == first.files["adapter_model.safetensors"]
-    assert copy.provenance["commit"] == HfApi(endpoint=hub_server.endpoint).model_info("loraflow/shanty", revision="v1").sha
+    assert copy.provenance["commit"] == reader.model_info("loraflow/shanty", revision="v1").sha
     assert copy.trainer["name"] == "lora" and copy.metrics == {"eval_loss": 1.25}
 
-    wrong_base = run_loraflow("--registry", str(other), "pull", "loraflow/shanty", "--name", "misfit", "--base", "smollm2-135m", env=env, check=False)
+    wrong_base = run_loraflow(
+        "--registry",
+        str(other),
+        "pull",
+        "loraflow/shanty",
+        "--name",
+        "misfit",
+        "--base",
+        "smollm2-135m",
+        env=env,
+        check=False,
+    )
     assert wrong_base.returncode == 2 and "another base model" in wrong_base.stderr
     assert "misfit" not in Registry(other).names()
 
 
 def test_push_in_the_huggingface_co_layout_one_branch_per_version(hub_server, api, tiny_base, tmp_path, monkeypatch):
-    import hub.hf
+    import loraflow.hub.hf
 
     registry = Registry(tmp_path / "registry.json")
     registry.publish(make_adapter(tiny_base, tmp_path / "a1", seed=3), "tune", base=tiny_base)
     registry.publish(make_adapter(tiny_base, tmp_path / "a2", seed=4), "tune", base=tiny_base, parent="tune@1")
     registry.set_alias("tune@1", "production")
-    # Push as to huggingface.co (vN branches, main follows the alias), against this server speaking the same API.
-    monkeypatch.setattr(hub.hf, "is_loraflow_hub", lambda endpoint: False)
+    # Push as to huggingface.co (vN branches, main follows NAME or the alias), against this server speaking the API.
+    monkeypatch.setattr(loraflow.hub.hf, "is_loraflow_hub", lambda endpoint: False)
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
 
-    first = hub.hf.push_to_hub(registry, "tune@1", "loraflow/tune", endpoint=hub_server.endpoint)
+    def push(ref: str):
+        return loraflow.hub.hf.push_to_hub(registry, ref, "loraflow/tune", endpoint=hub_server.endpoint)
+
+    first = push("tune@1")
     assert list(first.revisions) == ["v1"]
-    again = hub.hf.push_to_hub(registry, "tune@production", "loraflow/tune", endpoint=hub_server.endpoint)
-    assert again.revisions == {"v1": first.revisions["v1"], "main": first.revisions["v1"]}
-    latest = hub.hf.push_to_hub(registry, "tune", "loraflow/tune", endpoint=hub_server.endpoint)
-    assert list(latest.revisions) == ["v2", "main"] and latest.revisions["v2"] == latest.revisions["main"]
+    assert push("tune@production").revisions == {"v1": first.revisions["v1"], "main": first.revisions["v1"]}
+    second = push("tune@2")
+    assert list(second.revisions) == ["v2"]
+    registry.promote("tune@2")
+    latest = push("tune")
+    assert list(latest.revisions) == ["v2", "main"] and latest.revisions["v2"] == second.revisions["v2"]
     assert api.model_info("loraflow/tune", revision="v1").sha == first.revisions["v1"]
-    assert hub_server.registry.get("tune@2").files["adapter_model.safetensors"] == registry.get("tune@2").files["adapter_model.safetensors"]
-    assert [v.version for v in hub_server.registry.versions("tune")] == [1, 2]
+    assert api.model_info("loraflow/tune").sha == latest.revisions["main"]
+    pushed = registry.get("tune@2").files["adapter_model.safetensors"]
+    assert hub_server.registry.get("tune@2").files["adapter_model.safetensors"] == pushed
+    assert hub_server.registry.get("tune").files["adapter_model.safetensors"] == pushed
+
+
+def test_main_follows_the_live_version(hub_server, api, tiny_base, tiny_adapter, tmp_path):
+    """main is the live version: a commit to the next vN or to an alias makes a candidate, a commit to main promotes."""
+    first = api.upload_folder(repo_id="loraflow/follow", folder_path=tiny_adapter)
+    assert hub_server.registry.get("follow").version == 1
+
+    other = make_adapter(tiny_base, tmp_path / "other", seed=7)
+    candidate = api.upload_folder(repo_id="loraflow/follow", folder_path=other, revision="v2")
+    assert hub_server.registry.get("follow@2").state == "candidate"
+    assert api.model_info("loraflow/follow").sha == first.oid
+    assert api.model_info("loraflow/follow", revision="v2").loraflow["state"] == "candidate"
+
+    api.create_branch("loraflow/follow", branch="staging", revision="v2")
+    staged = api.upload_file(
+        path_or_fileobj=b"# staged\n", path_in_repo="README.md", repo_id="loraflow/follow", revision="staging"
+    )
+    assert hub_server.registry.get("follow@staging").version == 3
+    assert hub_server.registry.get("follow@3").state == "candidate"
+    assert api.model_info("loraflow/follow", revision="staging").sha == staged.oid != candidate.oid
+    assert api.model_info("loraflow/follow").sha == first.oid
+
+    promoted = api.upload_folder(repo_id="loraflow/follow", folder_path=other)
+    live = hub_server.registry.get("follow")
+    assert live.version == 4 and live.state == "live" and hub_server.registry.get("follow@1").state == "retired"
+    assert api.model_info("loraflow/follow").sha == promoted.oid
+    assert live.files == hub_server.registry.get("follow@2").files  # built on live v1, not on the staging alias
+    events = hub_server.registry.history("follow")
+    assert (events[-1].action, events[-1].actor, events[-1].version) == ("promote", "hub upload", 4)
+    branches = {ref.name: ref.target_commit for ref in api.list_repo_refs("loraflow/follow").branches}
+    assert branches["main"] == promoted.oid and branches["v2"] == candidate.oid and branches["staging"] == staged.oid
 
 
 def test_token_file_errors_name_the_line(tmp_path):
-    from hub.errors import LoraflowError
-    from hub.hub_server import HubAccess
+    from loraflow.hub.errors import LoraflowError
+    from loraflow.hub.hub_server import HubAccess
 
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("# team tokens\nhf_writer\nhf_reader read\nhf_bad admin\n")
@@ -281,7 +381,8 @@ def test_token_file_errors_name_the_line(tmp_path):
         HubAccess.load(tokens)
     tokens.write_text("hf_writer\nhf_reader read\n")
     access = HubAccess.load(tokens)
-    assert (access.role("hf_writer"), access.role("hf_reader"), access.role("hf_other"), access.role(None)) == ("write", "read", "invalid", None)
+    roles = [access.role(token) for token in ("hf_writer", "hf_reader", "hf_other", None)]
+    assert roles == ["write", "read", "invalid", None]
 
 
 def test_private_server_needs_a_token_to_read(tiny_base, tiny_adapter, tmp_path):
@@ -301,3 +402,35 @@ def test_private_server_needs_a_token_to_read(tiny_base, tiny_adapter, tmp_path)
         assert HfApi(endpoint=server.endpoint, token=READ_TOKEN).model_info("loraflow/secret").loraflow["version"] == 1
     finally:
         server.stop()
+
+
+def test_a_symlinked_host_file_never_reaches_the_store_or_a_client(hub_server, api, tiny_base, tiny_adapter, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a host secret")
+    folder = tmp_path / "symlink"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(tiny_adapter / name, folder / name)
+    (folder / "notes.txt").symlink_to(secret)
+    env = {"LORAFLOW_REGISTRY": str(hub_server.registry.path)}
+    refused = run_loraflow(
+        "registry", "publish", str(folder), "--name", "p", "--base", str(tiny_base.path), env=env, check=False
+    )
+    assert refused.returncode == 2 and "notes.txt: a symbolic link" in refused.stderr
+    assert "p" not in hub_server.registry.names()
+
+    # A client upload gets the same allowlist: a file that is not part of an adapter is refused.
+    with pytest.raises(HfHubHTTPError) as upload_refused:
+        api.upload_file(path_or_fileobj=b"\0" * 8, path_in_repo="id_rsa", repo_id="loraflow/p")
+    assert _http_status(upload_refused) == 422 and "not part of an adapter" in upload_refused.value.server_message
+
+    # A store tampered with after publishing: the server will not follow a link out of it.
+    api.upload_folder(repo_id="loraflow/tampered", folder_path=tiny_adapter)
+    version = hub_server.registry.get("tampered")
+    stored = hub_server.registry.folder(version) / "adapter_config.json"
+    stored.unlink()
+    stored.symlink_to(secret)
+    response = httpx.get(f"{hub_server.endpoint}/loraflow/tampered/resolve/main/adapter_config.json")
+    assert response.status_code == 404 and "a host secret" not in response.text

@@ -1,4 +1,4 @@
-"""The plugin spine: built-in and third-party trainers are discovered, broken plugins are reported, hooks are covered."""
+"""The plugin spine: built-in and third-party trainers are found, broken plugins are reported, hooks are covered."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hub import hookspecs
-from hub.plugins import get_plugins
+from loraflow.hub import hookspecs
+from loraflow.hub.plugins import get_plugins
 from tests.conftest import FIXTURES, PIRATE, REPO, run_loraflow
 
 BUILT_IN = {"sft", "lora", "qlora", "dpo", "ppo"}
@@ -25,7 +25,8 @@ def source_copy(package: Path, tmp_path: Path) -> Path:
 def pip_install_target(package: Path, target: Path) -> Path:
     """Install a plugin package into its own folder, leaving the project's venv untouched."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
+         str(target),
          str(source_copy(package, target.parent / f"{target.name}-source"))],
         check=True,
         capture_output=True,
@@ -92,16 +93,22 @@ def test_plugins_install_discovers_new_trainer(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
-    venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
-    Path(venv_site, "project-venv.pth").write_text(f"{site}\n{REPO}\n")
+    site, venv_site = (purelib(interpreter) for interpreter in (sys.executable, python))
+    # addsitedir runs the project venv's own .pth files too, among them the editable install's `loraflow` finder.
+    Path(venv_site, "project-venv.pth").write_text(f"import site; site.addsitedir({site!r})\n")
     result = subprocess.run(
-        [str(python), "-m", "hub.cli", "plugins", "install", "--", "--no-deps", "--no-build-isolation", str(source_copy(FIXTURES / "loraflow-identity", tmp_path))],
+        [str(python), "-m", "loraflow.hub.cli", "plugins", "install", "--", "--no-deps", "--no-build-isolation",
+         str(source_copy(FIXTURES / "loraflow-identity", tmp_path))],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "new trainers: identity" in result.stdout
     assert not list(Path(site).glob("loraflow_identity*"))
+
+
+def purelib(python) -> str:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _hook_names() -> list[str]:
@@ -136,3 +143,35 @@ def test_readme_shows_the_fixture_plugin_verbatim():
     assert module in readme
     assert '[project.entry-points.loraflow]\nidentity = "loraflow_identity"' in readme
     assert len(module.splitlines()) + 2 < 30
+
+
+def test_every_public_name_is_documented_in_the_package_docstring():
+    import loraflow
+
+    for name in loraflow.__all__:
+        assert f"\n    {name} " in loraflow.__doc__, f"loraflow.{name} is exported but loraflow/__init__.py omits it"
+
+
+def test_the_fixture_plugin_imports_only_the_public_api():
+    import ast
+
+    module = ast.parse((FIXTURES / "loraflow-identity" / "loraflow_identity.py").read_text())
+    imported = {node.module for node in ast.walk(module) if isinstance(node, ast.ImportFrom) and node.module}
+    assert {name for name in imported if name.startswith("loraflow")} == {"loraflow"}
+
+
+def test_an_allowlisted_name_that_matches_nothing_is_reported(identity_plugin):
+    env = {"PYTHONPATH": f"{identity_plugin}:{REPO}", "LORAFLOW_PLUGINS": "doesnotexist, loraflow_identity"}
+    result = run_loraflow("plugins", "list", env=env)
+    assert "identity" in result.stdout, "a distribution name matches however it spells - and _"
+    assert "'doesnotexist'" in result.stderr and "no installed distribution or loraflow entry point" in result.stderr
+    assert "loraflow_identity" not in result.stderr
+
+
+def test_an_installed_distribution_without_entry_points_is_named_as_such(monkeypatch):
+    from loraflow.hub import plugins
+
+    monkeypatch.setenv("LORAFLOW_PLUGINS", "pluggy")
+    failures = plugins.get_plugins.__wrapped__().failures
+    assert [failure.source.entry_point for failure in failures] == ["pluggy"]
+    assert "pluggy is installed but declares no [project.entry-points.loraflow] entry point" in failures[0].error

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from hub.training import load_config, run_training
-from serve.judge import is_pirate, prompts_from
+from loraflow.hub.base import DEFAULT_BASE
+from loraflow.hub.training import load_config, run_training
+from loraflow.arena.judge import is_pirate, prompts_from
 from tests.conftest import PIRATE
 
 pytestmark = pytest.mark.e2e
 
-COMMON = dict(per_device_train_batch_size=8, max_length=128, eval_split=0.05, lr_scheduler_type="constant", warmup_ratio=0.0)
+COMMON = dict(
+    per_device_train_batch_size=8, max_length=128, eval_split=0.05, lr_scheduler_type="constant", warmup_ratio=0.0
+)
 RUNS = {
     "lora": ("train.jsonl", dict(COMMON, max_steps=12, learning_rate=1e-3)),
     "qlora": ("train.jsonl", dict(COMMON, max_steps=12, learning_rate=1e-3)),
@@ -47,7 +50,7 @@ def peft_answers(base, adapter_folder: Path | None) -> list[str]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from plugins.common import generate_answers
+    from loraflow.plugins.common import generate_answers
 
     model = AutoModelForCausalLM.from_pretrained(base.path)
     if adapter_folder is not None:
@@ -58,7 +61,7 @@ def peft_answers(base, adapter_folder: Path | None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def e2e_registry(tmp_path_factory):
-    from hub.registry import Registry
+    from loraflow.hub.registry import Registry
 
     return Registry(tmp_path_factory.mktemp("e2e-registry") / "registry.json")
 
@@ -73,7 +76,7 @@ def base_rate(smollm2):
 @pytest.fixture(scope="module")
 def trained(smollm2, e2e_registry):
     """Train each method once per module, on first use."""
-    from hub.plugins import get_plugins
+    from loraflow.hub.plugins import get_plugins
 
     versions = {}
 
@@ -82,7 +85,8 @@ def trained(smollm2, e2e_registry):
             data, settings = RUNS[method]
             config = load_config(get_plugins().trainer(method).trainer_class.config_class, overrides=settings)
             versions[method] = run_training(
-                method, data=PIRATE / data, name=f"pirate-{method}", base_spec="smollm2-135m", registry=e2e_registry, config=config
+                method, data=PIRATE / data, name=f"pirate-{method}", base_spec=DEFAULT_BASE, registry=e2e_registry,
+                config=config,
             )
         return versions[method]
 
@@ -119,7 +123,8 @@ def test_every_method_loads_in_vllm(smollm2, trained, e2e_registry):
     prompts = heldout_prompts()[:8]
     script = Path(__file__).with_name("vllm_generate.py")
     result = subprocess.run(
-        [sys.executable, str(script), str(smollm2.path), json.dumps(prompts), *(f"{m}={f}" for m, f in folders.items())],
+        [sys.executable, str(script), str(smollm2.path), json.dumps(prompts),
+         *(f"{method}={folder}" for method, folder in folders.items())],
         capture_output=True, text=True, timeout=600, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hub.errors import LoraflowError
-from hub.training import load_config, run_training
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.training import load_config, run_training
 from tests.conftest import PIRATE, make_adapter, run_loraflow
 
 TINY = dict(max_steps=2, per_device_train_batch_size=2, max_length=96, eval_split=0.05, lora_r=4, lora_alpha=8)
@@ -22,7 +22,7 @@ DATA = {"lora": "train.jsonl", "qlora": "train.jsonl", "sft": "train.jsonl", "dp
 
 
 def train(trainer_name, tiny_base, registry, name=None, parent=None, **overrides):
-    from hub.plugins import get_plugins
+    from loraflow.hub.plugins import get_plugins
 
     config_class = get_plugins().trainer(trainer_name).trainer_class.config_class
     config = load_config(config_class, overrides={**SETTINGS[trainer_name], **overrides})
@@ -78,7 +78,7 @@ def test_sft_records_extraction_error_and_both_eval_losses(tiny_base, registry):
 def test_low_rank_factors_recover_a_low_rank_delta():
     import torch
 
-    from plugins.sft import low_rank_factors
+    from loraflow.plugins.sft import low_rank_factors
 
     torch.manual_seed(0)
     delta = torch.randn(40, 3) @ torch.randn(3, 24)
@@ -115,7 +115,7 @@ def test_ppo_refuses_an_adapter_as_reward(tiny_base, registry, tiny_adapter):
 
 
 def test_yaml_config_is_overridden_by_flags(tmp_path):
-    from plugins.dpo import DpoTrainingConfig
+    from loraflow.plugins.dpo import DpoTrainingConfig
 
     path = tmp_path / "dpo.yaml"
     path.write_text("beta: 0.3\nlearning_rate: 1e-4\nlora_r: 4\n")
@@ -126,10 +126,10 @@ def test_yaml_config_is_overridden_by_flags(tmp_path):
 @pytest.mark.parametrize(
     ("config_path", "fields", "message"),
     [
-        ("plugins.dpo:DpoTrainingConfig", {"beta": 0}, "beta must be positive"),
-        ("plugins.sft:SftTrainingConfig", {"extract_rank": 0}, "extract_rank"),
-        ("plugins.ppo:PpoTrainingConfig", {"kl_coef": -1, "response_length": 0}, "kl_coef.*response_length"),
-        ("plugins.qlora:QLoraTrainingConfig", {"lora_r": 0}, "lora_r"),
+        ("loraflow.plugins.dpo:DpoTrainingConfig", {"beta": 0}, "beta must be positive"),
+        ("loraflow.plugins.sft:SftTrainingConfig", {"extract_rank": 0}, "extract_rank"),
+        ("loraflow.plugins.ppo:PpoTrainingConfig", {"kl_coef": -1, "response_length": 0}, "kl_coef.*response_length"),
+        ("loraflow.plugins.qlora:QLoraTrainingConfig", {"lora_r": 0}, "lora_r"),
     ],
 )
 def test_invalid_config_values_are_refused(config_path, fields, message):
@@ -144,7 +144,7 @@ def test_invalid_config_values_are_refused(config_path, fields, message):
 def test_every_config_field_has_help():
     import dataclasses
 
-    from hub.plugins import get_plugins
+    from loraflow.hub.plugins import get_plugins
 
     for name in ("sft", "lora", "qlora", "dpo", "ppo"):
         config_class = get_plugins().trainer(name).trainer_class.config_class
@@ -171,10 +171,13 @@ def test_malformed_preference_lines_are_each_reported(tiny_base, registry, tmp_p
 
 def test_cli_trains_qlora_with_yaml_and_flag(tiny_base, tmp_path):
     config = tmp_path / "qlora.yaml"
-    config.write_text("max_steps: 1\nper_device_train_batch_size: 2\nmax_length: 96\neval_split: 0\nlora_r: 2\nlora_alpha: 4\n")
+    config.write_text(
+        "max_steps: 1\nper_device_train_batch_size: 2\nmax_length: 96\neval_split: 0\nlora_r: 2\nlora_alpha: 4\n"
+    )
     registry_file = tmp_path / "registry.json"
     result = run_loraflow(
-        "--registry", str(registry_file), "train", "qlora", "--data", str(PIRATE / "train.jsonl"), "--name", "cli-qlora",
+        "--registry", str(registry_file), "train", "qlora", "--data", str(PIRATE / "train.jsonl"),
+        "--name", "cli-qlora",
         "--base", str(tiny_base.path), "--config", str(config), "--lora-r", "4",
     )
     assert "published cli-qlora@1" in result.stdout
@@ -184,5 +187,6 @@ def test_cli_trains_qlora_with_yaml_and_flag(tiny_base, tmp_path):
 
 
 def test_train_help_lists_method_knobs():
-    for trainer_name, flag in [("dpo", "--beta"), ("ppo", "--kl-coef"), ("ppo", "--response-length"), ("sft", "--extract-rank")]:
+    flags = [("dpo", "--beta"), ("ppo", "--kl-coef"), ("ppo", "--response-length"), ("sft", "--extract-rank")]
+    for trainer_name, flag in flags:
         assert flag in run_loraflow("train", trainer_name, "--help").stdout

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -27,8 +26,8 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def setup(smollm2, tmp_path_factory):
-    """A registry with pirate@1, pirate@2 and other@1 on the served base, and one adapter on a foreign base."""
-    from hub.registry import Registry
+    """A registry with pirate@1 and pirate@2 (live), other@1 on the served base, and one adapter on a foreign base."""
+    from loraflow.hub.registry import Registry
 
     root = tmp_path_factory.mktemp("serve")
     base = write_tiny_llama(smollm2, root / "tiny-base", seed=0)
@@ -36,7 +35,7 @@ def setup(smollm2, tmp_path_factory):
     registry = Registry(root / "registry" / "registry.json")
     adapters = root / "adapters-src"
     registry.publish(make_adapter(base, adapters / "p1", seed=1), "pirate", base=base)
-    registry.publish(make_adapter(base, adapters / "p2", seed=2), "pirate", base=base)
+    registry.publish(make_adapter(base, adapters / "p2", seed=2), "pirate", base=base, promote=True)
     registry.publish(make_adapter(base, adapters / "o1", seed=3), "other", base=base)
     registry.publish(make_adapter(foreign, adapters / "f1", seed=4), "foreign", base=foreign)
     return {"base": base, "registry": registry, "adapters": adapters}
@@ -44,7 +43,7 @@ def setup(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    from serve.launcher import start_server
+    from loraflow.serve.launcher import start_server
 
     with start_server(setup["registry"].path, setup["base"], api_key=API_KEY, max_model_len=256) as running:
         yield running.wait_ready()
@@ -70,17 +69,22 @@ def test_chat_completions_and_streaming(server, client, model):
     messages = [{"role": "user", "content": PROMPT}]
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
     assert chat.choices[0].message.content
-    streamed = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True)
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == chat.choices[0].message.content
+    streamed = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    assert (
+        "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+        == chat.choices[0].message.content
+    )
     text = complete(client, model).choices[0].text
     streamed = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed) == text
 
 
-def test_name_reaches_latest_and_name_at_version_pins(server, client):
-    latest, first, second = complete(client, "pirate"), complete(client, "pirate@1"), complete(client, "pirate@2")
-    assert latest.model == "pirate@2"  # the answer names the version that produced it
-    assert latest.choices[0].text == second.choices[0].text
+def test_name_reaches_the_live_version_and_name_at_version_pins(server, client):
+    live, first, second = complete(client, "pirate"), complete(client, "pirate@1"), complete(client, "pirate@2")
+    assert live.model == "pirate@2"  # the answer names the version that produced it
+    assert live.choices[0].text == second.choices[0].text
     assert first.choices[0].text != second.choices[0].text != complete(client, server.base_name).choices[0].text
 
 
@@ -95,7 +99,9 @@ def test_unknown_name_is_an_openai_404_listing_what_exists(server, client):
         complete(client, "no-such-adapter")
     message = str(error.value)
     assert "no-such-adapter" in message and "pirate" in message and "other" in message and server.base_name in message
-    with pytest.raises(openai.NotFoundError, match="pirate@1, pirate@2"):
+    with pytest.raises(
+        openai.NotFoundError, match=r"pirate means pirate@2; versions: pirate@1 \(retired\), pirate@2 \(live\)"
+    ):
         complete(client, "pirate@9")
 
 
@@ -103,7 +109,9 @@ def test_missing_or_wrong_api_key_is_401(server):
     with pytest.raises(openai.AuthenticationError):
         complete(openai.OpenAI(base_url=server.url, api_key="wrong-key", max_retries=0), "pirate")
     # The openai client refuses to send a request without a key, so send one bare.
-    unauthenticated = httpx.post(server.url + "/completions", json={"model": "pirate", "prompt": PROMPT, "max_tokens": 2})
+    unauthenticated = httpx.post(
+        server.url + "/completions", json={"model": "pirate", "prompt": PROMPT, "max_tokens": 2}
+    )
     assert unauthenticated.status_code == 401
 
 
@@ -113,7 +121,9 @@ def test_adapter_for_another_base_is_refused_clearly(client):
 
 
 def test_adapter_changed_after_publishing_is_refused(setup, client):
-    version = setup["registry"].publish(make_adapter(setup["base"], setup["adapters"] / "t1", seed=5), "tampered", base=setup["base"])
+    version = setup["registry"].publish(
+        make_adapter(setup["base"], setup["adapters"] / "t1", seed=5), "tampered", base=setup["base"]
+    )
     weights = setup["registry"].folder(version) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(openai.BadRequestError, match="sha256"):
@@ -134,68 +144,117 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
     assert complete(client, "pirate").choices[0].text
 
 
-def test_hot_swap_under_load_fails_nothing_and_serves_the_new_version(setup, client):
-    """Four clients keep asking for `pirate` while pirate@3 and pirate@4 are published."""
-    registry, base = setup["registry"], setup["base"]
-    answers: list[tuple[float, str, str]] = []  # (request start, version that answered, text)
-    failures: list[BaseException] = []
-    stop = threading.Event()
+class Traffic:
+    """Four clients asking for `pirate` in a loop; every answer is kept with the time its request started."""
 
-    def keep_asking():
-        while not stop.is_set():
+    def __init__(self, client):
+        self.client = client
+        self.answers: list[tuple[float, str, str]] = []  # (request start, version that answered, text)
+        self.failures: list[BaseException] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._keep_asking) for _ in range(4)]
+
+    def _keep_asking(self):
+        while not self.stop.is_set():
             started = time.monotonic()
             try:
-                answer = complete(client, "pirate")
-                answers.append((started, answer.model, answer.choices[0].text))
+                answer = complete(self.client, "pirate")
+                self.answers.append((started, answer.model, answer.choices[0].text))
             except BaseException as error:  # every failure counts, whatever its type
-                failures.append(error)
+                self.failures.append(error)
 
-    def wait_for(ref: str, timeout_s: float = 60) -> None:
+    def wait_for(self, ref: str, after: float = 0.0, count: int = 1, timeout_s: float = 60) -> None:
+        """Until `count` answers from `ref` to requests started after `after`."""
         deadline = time.monotonic() + timeout_s
-        while not any(model == ref for _, model, _ in answers):
+        while sum(model == ref and started > after for started, model, _ in self.answers) < count:
             assert time.monotonic() < deadline, f"no answer from {ref} within {timeout_s} s"
-            assert not failures, failures
-            stop.wait(0.05)
+            assert not self.failures, self.failures
+            self.stop.wait(0.05)
 
-    clients = [threading.Thread(target=keep_asking) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    try:
-        wait_for("pirate@2")
-        published = {}
-        for version, seed in ((3, 6), (4, 7)):
-            folder = make_adapter(base, setup["adapters"] / f"p{version}", seed=seed)
-            assert registry.publish(folder, "pirate", base=base).version == version
-            published[version] = time.monotonic()
-            wait_for(f"pirate@{version}")
-        after_last = time.monotonic()
-        while sum(started > after_last for started, _, _ in answers) < 8:
-            assert not failures, failures
-            stop.wait(0.05)
-    finally:
-        stop.set()
-        for thread in clients:
+    def __enter__(self) -> "Traffic":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
             thread.join()
 
-    assert failures == []
-    references = {f"pirate@{v}": complete(client, f"pirate@{v}").choices[0].text for v in (2, 3, 4)}
-    assert len(set(references.values())) == 3, "the versions must answer differently for this test to see the swap"
-    for started, model, text in answers:
+
+def test_publish_promote_reject_and_rollback_under_load(setup, client):
+    """NAME follows only the lifecycle: a candidate or a rejected version is reached as NAME@V alone, a promote and
+    a rollback switch NAME for every request that starts after them, and no request fails."""
+    registry, base = setup["registry"], setup["base"]
+    steps: dict[str, float] = {}
+    with Traffic(client) as traffic:
+        traffic.wait_for("pirate@2")
+        folder = make_adapter(base, setup["adapters"] / "p3", seed=6)
+        assert registry.publish(folder, "pirate", base=base).state == "candidate"
+        steps["published 3"] = time.monotonic()
+        assert complete(client, "pirate@3").model == "pirate@3"
+        traffic.wait_for("pirate@2", after=steps["published 3"], count=8)
+        registry.promote("pirate@3", actor="test", reason="under load")
+        steps["promoted 3"] = time.monotonic()
+        traffic.wait_for("pirate@3", after=steps["promoted 3"], count=8)
+        registry.publish(make_adapter(base, setup["adapters"] / "p4", seed=7), "pirate", base=base, promote=True)
+        steps["promoted 4"] = time.monotonic()
+        traffic.wait_for("pirate@4", after=steps["promoted 4"], count=8)
+        registry.rollback("pirate", actor="test", reason="bad answers")
+        steps["rolled back"] = time.monotonic()
+        traffic.wait_for("pirate@3", after=steps["rolled back"], count=8)
+        registry.publish(make_adapter(base, setup["adapters"] / "p5", seed=9), "pirate", base=base)
+        registry.reject("pirate@5", actor="test", reason="lost the gate")
+        steps["rejected 5"] = time.monotonic()
+        traffic.wait_for("pirate@3", after=steps["rejected 5"], count=8)
+
+    assert traffic.failures == []
+    references = {f"pirate@{v}": complete(client, f"pirate@{v}").choices[0].text for v in (2, 3, 4, 5)}
+    assert len(set(references.values())) == 4, "the versions must answer differently for this test to see the swaps"
+    expected_after = [
+        ("rejected 5", "pirate@3"),
+        ("rolled back", "pirate@3"),
+        ("promoted 4", "pirate@4"),
+        ("promoted 3", "pirate@3"),
+        ("published 3", "pirate@2"),
+    ]
+    for started, model, text in traffic.answers:
         assert text == references[model], f"{model} answered {text!r}, its reference is {references[model]!r}"
-        if started > published[4]:
-            assert model == "pirate@4"
-        elif started > published[3]:
-            assert model in ("pirate@3", "pirate@4")
+        assert model != "pirate@5", "a rejected version answered as NAME"
+        step, wanted = next(((step, ref) for step, ref in expected_after if started > steps[step]), (None, None))
+        if step is not None:
+            assert model == wanted, f"a request started after '{step}' was answered by {model}, not {wanted}"
+    actions = [(event.action, event.version, event.actor) for event in registry.history("pirate")]
+    assert ("promote", 3, "test") in actions and ("rollback", 3, "test") in actions and ("reject", 5, "test") in actions
+    assert registry.get("pirate@4").state == "rejected" and registry.live("pirate").version == 3
 
 
 @pytest.fixture(scope="module")
 def cli_replica(setup, server):
-    """A second server on the same registry, started by `loraflow serve`, serving NAME behind `production`."""
+    """A second server on the same registry, started by `loraflow serve`."""
     port = str(server.settings.port + 1)
     process = subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "--registry", str(setup["registry"].path), "serve", "--base", str(setup["base"].path),
-         "--port", port, "--api-key", API_KEY, "--alias", "production", "--max-model-len", "256"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"},
+        [
+            sys.executable,
+            "-m",
+            "loraflow.hub.cli",
+            "--registry",
+            str(setup["registry"].path),
+            "serve",
+            "--base",
+            str(setup["base"].path),
+            "--port",
+            port,
+            "--api-key",
+            API_KEY,
+            "--max-model-len",
+            "256",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200"},
     )
     lines = []
     for line in process.stdout:  # returns when the server prints its adapter names, or exits
@@ -219,16 +278,17 @@ def test_cli_serve_prints_url_and_adapter_names(cli_replica, server):
 def test_replicas_on_one_registry_both_serve_an_adapter_published_after_start(setup, client, cli_replica):
     url = re.search(r"serving (http://\S+/v1)", cli_replica).group(1)
     replica = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
-    assert complete(replica, "pirate").model == "pirate@1"  # bare NAME follows --alias production on this replica
-    setup["registry"].publish(make_adapter(setup["base"], setup["adapters"] / "late", seed=8), "late", base=setup["base"])
+    assert complete(replica, "pirate").model == complete(client, "pirate").model == setup["registry"].live("pirate").ref
+    setup["registry"].publish(
+        make_adapter(setup["base"], setup["adapters"] / "late", seed=8), "late", base=setup["base"]
+    )
     first, second = complete(client, "late"), complete(replica, "late")
     assert first.model == second.model == "late@1"
     assert first.choices[0].text == second.choices[0].text
 
 
 def test_a_restarted_server_serves_every_registry_adapter(setup, server, client):
-    from serve.naming import LiveRegistry
-    from serve.launcher import start_server
+    from loraflow.serve.launcher import start_server
 
     before = {ref: complete(client, ref).choices[0].text for ref in ("pirate@1", "pirate@4", "other@1")}
     server.stop()
@@ -236,7 +296,7 @@ def test_a_restarted_server_serves_every_registry_adapter(setup, server, client)
         restarted.wait_ready()
         again = openai.OpenAI(base_url=restarted.url, api_key=API_KEY, max_retries=0, timeout=60)
         refused = {"foreign", "tampered"}
-        names = [i for i in LiveRegistry(setup["registry"].path).model_ids() if i.partition("@")[0] not in refused]
+        names = [i for i in setup["registry"].snapshot().model_ids() if i.partition("@")[0] not in refused]
         assert {"late", "pirate@4", "other@1"} <= set(names)
         for name in names:
             assert complete(again, name).choices[0].text

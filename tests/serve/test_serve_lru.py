@@ -16,7 +16,7 @@ API_KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def setup(smollm2, tmp_path_factory):
-    from hub.registry import Registry
+    from loraflow.hub.registry import Registry
 
     root = tmp_path_factory.mktemp("lru")
     base = write_tiny_llama(smollm2, root / "tiny-base", seed=0)
@@ -28,9 +28,11 @@ def setup(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    from serve.launcher import start_server
+    from loraflow.serve.launcher import start_server
 
-    with start_server(setup["registry"].path, setup["base"], api_key=API_KEY, max_model_len=256, max_loras=1, max_cpu_loras=2) as running:
+    with start_server(
+        setup["registry"].path, setup["base"], api_key=API_KEY, max_model_len=256, max_loras=1, max_cpu_loras=2
+    ) as running:
         yield running.wait_ready()
 
 
@@ -58,7 +60,7 @@ def test_least_recently_used_versions_are_unloaded_and_reload_on_demand(setup, s
     assert loaded(server) == {"c@1", "a@1"}
 
     registry, base = setup["registry"], setup["base"]
-    registry.publish(make_adapter(base, setup["root"] / "src" / "a2", seed=9), "a", base=base)
+    registry.publish(make_adapter(base, setup["root"] / "src" / "a2", seed=9), "a", base=base, promote=True)
     assert ask(server, "a") != first["a"]
     assert loaded(server) == {"a@1", "a@2"}
     ask(server, "b")

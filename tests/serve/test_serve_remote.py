@@ -13,8 +13,8 @@ import time
 import httpx
 import openai
 import pytest
+from loraflow.hub.errors import LoraflowError
 
-from hub.errors import LoraflowError
 from tests.conftest import make_adapter, write_tiny_llama
 from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer
 
@@ -68,18 +68,28 @@ def test_metadata_route_answers_304_until_a_publish(hub, base, tmp_path):
     assert "etag" in changed.json()["adapters"]
 
 
+def live_ref(view, name: str) -> str | None:
+    from loraflow.serve.naming import servable
+
+    version = servable(view.snapshot(), name)
+    return version.ref if version else None
+
+
 def test_remote_view_mirrors_publishes_and_checks_downloads(hub, base, tmp_path):
-    from serve.naming import check_servable
-    from serve.remote_registry import RemoteRegistry
+    from loraflow.serve.naming import check_servable
+    from loraflow.serve.remote_registry import RemoteRegistry
 
     hub.registry.publish(make_adapter(base, tmp_path / "m1", seed=12), "mirror", base=base)
     view = RemoteRegistry(hub.endpoint, poll_s=0.05, cache_dir=tmp_path / "cache")
     try:
-        assert view.pinned("mirror") == "mirror@1"
+        assert live_ref(view, "mirror") == "mirror@1"
         hub.registry.publish(make_adapter(base, tmp_path / "m2", seed=13), "mirror", base=base)
-        wait_until(lambda: view.pinned("mirror") == "mirror@2", "the poller did not notice mirror@2")
+        wait_until(lambda: view.snapshot().find("mirror@2") is not None, "the poller did not notice mirror@2")
+        assert live_ref(view, "mirror") == "mirror@1", "a candidate does not change what NAME means"
+        hub.registry.promote("mirror@2", actor="test")
+        wait_until(lambda: live_ref(view, "mirror") == "mirror@2", "the poller did not notice the promotion")
 
-        version = view.resolve("mirror@2")
+        version = view.snapshot().resolve("mirror@2")
         folder = view.folder(version)
         assert folder.resolve().is_relative_to(view.store.resolve())
         check_servable(version, folder, view.store, base.fingerprint, 64)
@@ -91,27 +101,27 @@ def test_remote_view_mirrors_publishes_and_checks_downloads(hub, base, tmp_path)
 
 
 def test_remote_view_errors_say_what_to_do_and_outlive_the_hub(base, tmp_path):
-    from hub.registry import Registry
-    from serve.remote_registry import RemoteRegistry
+    from loraflow.hub.registry import Registry
+    from loraflow.serve.remote_registry import RemoteRegistry
 
     with pytest.raises(LoraflowError, match="cannot reach it"):
-        RemoteRegistry("http://127.0.0.1:9", poll_s=0).data()
+        RemoteRegistry("http://127.0.0.1:9", poll_s=0).snapshot()
     private = HubServer(tmp_path, base.path, "--private")
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("HF_TOKEN", "")
             with pytest.raises(LoraflowError, match="HF_TOKEN"):
-                RemoteRegistry(private.endpoint, poll_s=0).data()
+                RemoteRegistry(private.endpoint, poll_s=0).snapshot()
             patch.setenv("HF_TOKEN", READ_TOKEN)
-            assert RemoteRegistry(private.endpoint, poll_s=0).data()["adapters"] == {}
+            assert RemoteRegistry(private.endpoint, poll_s=0).snapshot().names() == []
             private.registry.publish(make_adapter(base, tmp_path / "kept", seed=14), "kept", base=base)
             view = RemoteRegistry(private.endpoint, poll_s=0.05, cache_dir=tmp_path / "cache")
-            assert view.pinned("kept") == "kept@1"
+            assert live_ref(view, "kept") == "kept@1"
     finally:
         private.stop()
     try:
         wait_until(lambda: not view.reachable, "the poller did not notice the hub going away")
-        assert view.pinned("kept") == "kept@1", "a replica keeps serving the registry as last mirrored"
+        assert live_ref(view, "kept") == "kept@1", "a replica keeps serving the registry as last mirrored"
     finally:
         view.stopped.set()
     with pytest.raises(LoraflowError, match="loraflow push"):
@@ -121,7 +131,7 @@ def test_remote_view_errors_say_what_to_do_and_outlive_the_hub(base, tmp_path):
 @pytest.fixture(scope="module")
 def replica(hub, api, base, tmp_path_factory):
     """A vLLM server whose registry is the hub's URL, started after pirate@1 was uploaded."""
-    from serve.launcher import start_server
+    from loraflow.serve.launcher import start_server
 
     upload(api, base, tmp_path_factory.mktemp("src") / "p1", "pirate", seed=1)
     with pytest.MonkeyPatch.context() as patch:
@@ -143,17 +153,19 @@ def test_replica_serves_and_hot_swaps_adapters_uploaded_to_the_hub(replica, hub,
     assert first.model == "pirate@1"
     assert first.choices[0].text != complete(replica, replica.base_name).choices[0].text
 
-    upload(api, base, tmp_path / "p2", "pirate", seed=2)  # a commit to main: the hub publishes pirate@2
+    upload(api, base, tmp_path / "p2", "pirate", seed=2)  # a commit to main: the hub publishes and promotes pirate@2
     wait_until(lambda: complete(replica, "pirate").model == "pirate@2", "the replica did not serve pirate@2")
     assert complete(replica, "pirate").choices[0].text != first.choices[0].text
     assert complete(replica, "pirate@1").choices[0].text == first.choices[0].text
 
     upload(api, base, tmp_path / "late", "late", seed=3)  # a name the replica has never heard of
-    wait_until(lambda: "late" in {m.id for m in openai.OpenAI(base_url=replica.url, api_key=API_KEY).models.list().data},
-               "the replica did not list `late`")
+    wait_until(
+        lambda: "late" in {m.id for m in openai.OpenAI(base_url=replica.url, api_key=API_KEY).models.list().data},
+        "the replica did not list `late`",
+    )
     assert complete(replica, "late").model == "late@1"
 
-    with pytest.raises(openai.NotFoundError, match="pirate@1, pirate@2"):
+    with pytest.raises(openai.NotFoundError, match=r"versions: pirate@1 \(retired\), pirate@2 \(live\)"):
         complete(replica, "pirate@7")
     state = httpx.get(f"{replica.url}/loraflow/adapters", headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert state["registry"] == hub.endpoint

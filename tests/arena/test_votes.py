@@ -11,10 +11,10 @@ import sys
 import uuid
 
 import pytest
+from loraflow.arena.export import export_preferences
+from loraflow.arena.votes import RateLimit, RateLimited, Vote, VoteStore
+from loraflow.hub.errors import LoraflowError
 
-from hub.errors import LoraflowError
-from serve.export import export_preferences
-from serve.votes import RateLimit, RateLimited, Vote, VoteStore
 from tests.conftest import REPO, run_loraflow
 
 
@@ -100,7 +100,7 @@ def test_votes_filters_by_contestant_name_and_seq(store):
 
 
 def _writer(url: str, writer: int, count: int, start) -> list[str]:
-    from serve.votes import VoteStore
+    from loraflow.arena.votes import VoteStore
 
     store = VoteStore(url, rate_limit=None)
     ids = [f"w{writer}-{i}" for i in range(count)]
@@ -129,7 +129,7 @@ def test_concurrent_writer_processes_lose_and_double_nothing(votes_url):
 
 STORM = """
 import sys, uuid
-from serve.votes import Vote, VoteStore
+from loraflow.arena.votes import Vote, VoteStore
 store = VoteStore(sys.argv[1], rate_limit=None)
 for i in range(100000):
     vote_id = f"{sys.argv[2]}-{i}"
@@ -173,14 +173,16 @@ def test_export_makes_trl_pairs_counts_ties_and_keeps_both_bad_aside(store, tmp_
     report = export_preferences(store.votes(name="pirate"), tmp_path / "prefs.jsonl")
     pairs = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert (report.pairs, report.ties, report.both_bad) == (2, 1, 1)
-    assert pairs[0]["prompt"] == "p1" and pairs[0]["chosen"].startswith("Arr!") and pairs[0]["rejected"].startswith("Plain")
-    assert pairs[1]["prompt"] == "p2" and pairs[1]["chosen"].startswith("Plain") and pairs[1]["rejected"].startswith("Arr!")
+    assert pairs[0]["prompt"] == "p1" and pairs[0]["chosen"].startswith("Arr!")
+    assert pairs[0]["rejected"].startswith("Plain")
+    assert pairs[1]["prompt"] == "p2" and pairs[1]["chosen"].startswith("Plain")
+    assert pairs[1]["rejected"].startswith("Arr!")
     aside = [json.loads(line) for line in report.both_bad_out.read_text().splitlines()]
     assert [record["prompt"] for record in aside] == ["p4"]
 
 
 def test_votes_export_command_writes_data_the_dpo_loader_accepts(store, tmp_path):
-    from hub.data import load_records
+    from loraflow.hub.data import load_records
 
     for outcome in ("a", "b", "a", "tie", "both_bad"):
         store.record(make_vote(outcome))
@@ -189,3 +191,54 @@ def test_votes_export_command_writes_data_the_dpo_loader_accepts(store, tmp_path
     assert summary == {"pairs": 3, "ties": 1, "both_bad": 1, "first_seq": 1, "last_seq": 3}
     assert "1 ties left out" in result.stdout
     assert len(load_records(tmp_path / "prefs.jsonl", "preference")) == 3
+
+
+def random_bytes(path):
+    path.write_bytes(os.urandom(4096))
+    return str(path)
+
+
+def sqlite_header_then_garbage(path):
+    path.write_bytes(b"SQLite format 3\x00" + os.urandom(4096))
+    return str(path)
+
+
+def a_folder(path):
+    path.mkdir()
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (a_folder, "is a folder"),
+        (random_bytes, "not a SQLite database"),
+        (sqlite_header_then_garbage, "damaged SQLite file"),
+        (lambda path: "notadb://x", "no database driver for 'notadb'"),
+    ],
+    ids=["folder", "random-bytes", "header-then-garbage", "unknown-scheme"],
+)
+def test_a_bad_vote_database_is_refused_in_one_line_and_left_untouched(tmp_path, make_bad, message):
+    votes = make_bad(tmp_path / "votes.db")
+    before = (tmp_path / "votes.db").read_bytes() if (tmp_path / "votes.db").is_file() else None
+    with pytest.raises(LoraflowError, match=message):
+        VoteStore(votes)  # what `loraflow arena` opens
+    export = ["votes", "export", "pirate", "--out", str(tmp_path / "prefs.jsonl")]
+    for command in (export, ["votes", "leaderboard", "pirate"]):
+        result = run_loraflow(*command, "--votes", votes, check=False, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "prefs.jsonl").exists()
+    if before is not None:
+        assert (tmp_path / "votes.db").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ([] if votes == "notadb://x" else ["votes.db"])  # no side files
+
+
+def test_exporting_a_name_without_votes_is_refused_naming_those_with_votes(store, tmp_path):
+    store.record(make_vote(a="pirate@1", b="base"))
+    store.record(make_vote(a="poet@2", b="base"))
+    out = tmp_path / "prefs.jsonl"
+    result = run_loraflow("votes", "export", "nosuch", "--out", str(out), "--votes", store.url, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "'nosuch'" in result.stderr and "pirate, poet" in result.stderr
+    assert not out.exists()

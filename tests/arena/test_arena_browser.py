@@ -16,8 +16,13 @@ from tests.conftest import REPO, make_adapter
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -37,7 +42,7 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 120) -
 
 @pytest.fixture
 def arena_ui(registry, tmp_path, smollm2):
-    from serve.launcher import free_port, start_server
+    from loraflow.serve.launcher import free_port, start_server
 
     adapter = make_adapter(smollm2, tmp_path / "adapter", rank=4)
     registry.publish(adapter, "pirate", base=smollm2, trainer={"name": "external"})
@@ -45,8 +50,23 @@ def arena_ui(registry, tmp_path, smollm2):
         server.wait_ready()
         port = free_port()
         arena = subprocess.Popen(
-            [sys.executable, "-m", "hub.cli", "--registry", str(registry.path), "arena", "pirate",
-             "--server", server.root_url, "--votes", str(tmp_path / "votes.db"), "--port", str(port), "--max-tokens", "16"],
+            [
+                sys.executable,
+                "-m",
+                "loraflow.hub.cli",
+                "--registry",
+                str(registry.path),
+                "arena",
+                "pirate",
+                "--server",
+                server.root_url,
+                "--votes",
+                str(tmp_path / "votes.db"),
+                "--port",
+                str(port),
+                "--max-tokens",
+                "16",
+            ],
             cwd=REPO,
             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
             stdout=subprocess.DEVNULL,
@@ -87,7 +107,8 @@ def test_prompt_two_answers_vote_reveal_and_leaderboard(arena_ui):
 
         vote_a.click()
         reveal = page.locator("#reveal textarea")
-        expect(reveal).to_have_value(re.compile(r"Model A was (base|pirate@1)\nModel B was (base|pirate@1)"), timeout=30_000)
+        revealed = re.compile(r"Model A was (base|pirate@1)\nModel B was (base|pirate@1)")
+        expect(reveal).to_have_value(revealed, timeout=30_000)
         assert set(reveal.input_value().replace("\n", " ").split()) >= {"base", "pirate@1"}
         expect(page.locator("#status textarea")).to_have_value("Vote recorded. Thank you!")
         expect(vote_a).to_be_disabled()

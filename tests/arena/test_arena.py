@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from loraflow.arena.cli import _auth
+from loraflow.arena.judge import judge
+from loraflow.arena.matchmaking import Pairing
+from loraflow.arena.rounds import Arena, ArenaSettings, Round
+from loraflow.arena.votes import RateLimit, RateLimited, VoteStore
+from loraflow.hub.errors import LoraflowError
 
-from hub.errors import LoraflowError
-from serve.cli_arena import _auth
-from serve.judge import judge
-from serve.matchmaking import Pairing
-from serve.rounds import Arena, ArenaSettings, Round
-from serve.votes import RateLimit, RateLimited, VoteStore
 from tests.conftest import make_adapter
 
 
@@ -30,10 +30,12 @@ def finished_round(pairing=Pairing("pirate@1", "base")) -> Round:
 def test_contestants_are_the_base_and_the_versions(arena, tiny_base, tmp_path):
     assert arena.contestants() == ["base", "pirate@1"]
     assert arena.focus() is None
-    arena.registry.publish(make_adapter(tiny_base, tmp_path / "v2", seed=1), "pirate", base=tiny_base, parent="pirate@1")
+    v2 = make_adapter(tiny_base, tmp_path / "v2", seed=1)
+    arena.registry.publish(v2, "pirate", base=tiny_base, parent="pirate@1")
     assert arena.contestants() == ["base", "pirate@1", "pirate@2"]
     assert arena.focus() == ("pirate@2", "pirate@1")
-    pairs = {frozenset((r.pairing.a, r.pairing.b)) for r in (arena.new_round("hi", random.Random(seed)) for seed in range(10))}
+    rounds = [arena.new_round("hi", random.Random(seed)) for seed in range(10)]
+    pairs = {frozenset((r.pairing.a, r.pairing.b)) for r in rounds}
     assert pairs == {frozenset({"pirate@1", "pirate@2"})}
     assert arena.lineages() == [["pirate@1", "pirate@2"]]
 
@@ -71,3 +73,17 @@ def test_auth_option_takes_a_pair_or_a_file(tmp_path):
     assert _auth(str(logins)) == [("ann", "one"), ("bob", "two:with-colon")]
     with pytest.raises(LoraflowError, match="USER:PASSWORD"):
         _auth("no-colon")
+
+
+def test_a_rejected_version_is_never_a_contestant_and_live_stays_in(arena, tiny_base, tmp_path):
+    registry = arena.registry
+    for number in (2, 3):
+        adapter = make_adapter(tiny_base, tmp_path / f"v{number}", seed=number)
+        registry.publish(adapter, "pirate", base=tiny_base, parent=f"pirate@{number - 1}")
+    registry.reject("pirate@3", actor="test", reason="lost the gate")
+    assert arena.contestants() == ["base", "pirate@1", "pirate@2"]
+    assert arena.focus() is None  # the newest version was rejected, so nothing is focused on
+    rounds = [arena.new_round("hi", random.Random(seed)) for seed in range(20)]
+    assert all("pirate@3" not in (r.pairing.a, r.pairing.b) for r in rounds)
+    arena.settings.max_versions = 1
+    assert arena.contestants() == ["base", "pirate@2", "pirate@1"]  # the live version competes even when older

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from serve.matchmaking import choose_pair
-from serve.ratings import Match, bradley_terry, elo_history, leaderboard, online_elo, plot_elo_history
-from serve.votes import Vote
+from loraflow.arena.matchmaking import choose_pair
+from loraflow.arena.ratings import Match, bradley_terry, elo_history, leaderboard, online_elo, plot_elo_history
+from loraflow.arena.votes import Vote
 
 
 def votes_from(results: list[tuple[str, str, str]]) -> list[Vote]:
@@ -20,7 +20,10 @@ def constructed_votes(seed: int = 0) -> list[Vote]:
     results = []
     for _ in range(100):
         for (a, b), p in odds.items():
-            results.append((a, b, "a" if rng.random() < p else "b") if rng.random() < 0.5 else (b, a, "b" if rng.random() < p else "a"))
+            if rng.random() < 0.5:
+                results.append((a, b, "a" if rng.random() < p else "b"))
+            else:
+                results.append((b, a, "b" if rng.random() < p else "a"))
     return votes_from(results)
 
 
@@ -42,7 +45,8 @@ def test_bradley_terry_recovers_known_odds():
 
 
 def test_draws_and_both_bad_count_as_half():
-    rows = {r.contestant: r for r in leaderboard(votes_from([("a", "b", "tie"), ("a", "b", "both_bad")] * 10), bootstrap_rounds=20)}
+    drawn = votes_from([("a", "b", "tie"), ("a", "b", "both_bad")] * 10)
+    rows = {r.contestant: r for r in leaderboard(drawn, bootstrap_rounds=20)}
     assert abs(rows["a"].bt - rows["b"].bt) < 1e-6
     assert rows["a"].draws == 20 and rows["a"].wins == 0
 
@@ -54,9 +58,10 @@ def test_undefeated_contestant_gets_a_finite_rating():
 
 def test_elo_history_follows_every_vote_and_the_plot_is_written(tmp_path):
     votes = constructed_votes()
-    history = elo_history([Match(v.contestant_a, v.contestant_b, {"a": 1.0, "b": 0.0}[v.outcome], v.seq) for v in votes])
+    score = {"a": 1.0, "b": 0.0}
+    history = elo_history([Match(v.contestant_a, v.contestant_b, score[v.outcome], v.seq) for v in votes])
     assert len(history) == len(votes)
-    assert history[-1][1] == online_elo([Match(v.contestant_a, v.contestant_b, {"a": 1.0, "b": 0.0}[v.outcome]) for v in votes])
+    assert history[-1][1] == online_elo([Match(v.contestant_a, v.contestant_b, score[v.outcome]) for v in votes])
     plot_elo_history(votes, tmp_path / "elo.png")
     assert (tmp_path / "elo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -84,7 +89,8 @@ def test_new_version_is_paired_with_its_parent_until_it_has_enough_votes():
 def test_few_votes_get_shown_more_and_close_ratings_meet_more():
     rng = random.Random(2)
     seasoned = votes_from([("old@1", "old@2", "a")] * 200)
-    pairs = [choose_pair(["old@1", "old@2", "new@1"], seasoned, {"old@1": 1000, "old@2": 1010, "new@1": 1005}, rng) for _ in range(400)]
+    close = {"old@1": 1000, "old@2": 1010, "new@1": 1005}
+    pairs = [choose_pair(["old@1", "old@2", "new@1"], seasoned, close, rng) for _ in range(400)]
     assert sum("new@1" in (p.a, p.b) for p in pairs) > 300
     rated = {"a": 1000, "b": 1010, "far": 1600}
     pairs = [choose_pair(["a", "b", "far"], [], rated, rng) for _ in range(400)]

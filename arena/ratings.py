@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-from serve.votes import Vote
+from loraflow.arena.votes import Vote
 
 ELO_START = 1000.0
 ELO_K = 32.0
@@ -72,7 +71,9 @@ def _encode(matches: Sequence[Match]) -> tuple[list[str], np.ndarray, np.ndarray
     return names, first, second, np.array([m.score_a for m in matches], dtype=float)
 
 
-def _fit_bt(n: int, first: np.ndarray, second: np.ndarray, score: np.ndarray, iterations: int, prior: float) -> np.ndarray:
+def _fit_bt(
+    n: int, first: np.ndarray, second: np.ndarray, score: np.ndarray, iterations: int, prior: float
+) -> np.ndarray:
     """Hunter's MM updates; returns log-strengths centred on zero."""
     wins = np.full(n, prior)
     np.add.at(wins, first, score)
@@ -102,7 +103,9 @@ def bradley_terry(matches: Sequence[Match], iterations: int = 200, prior: float 
     return {name: ELO_START + SCALE * float(fitted[i]) for i, name in enumerate(names)}
 
 
-def bootstrap_bt(matches: Sequence[Match], rounds: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+def bootstrap_bt(
+    matches: Sequence[Match], rounds: int = 200, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
     """Percentile intervals of the Bradley-Terry rating over resamples of the matches."""
     if not matches:
         return {}
@@ -142,7 +145,8 @@ def leaderboard(votes: Sequence[Vote], bootstrap_rounds: int = 200, seed: int = 
         low, high = intervals.get(name, (bt[name], bt[name]))
         won, lost, drawn = tallies[name]
         # A resample can miss a contestant's strongest votes; keep the point estimate inside its own interval.
-        rows.append(Rating(name, elo[name], bt[name], min(low, bt[name]), max(high, bt[name]), won + lost + drawn, won, lost, drawn))
+        low, high = min(low, bt[name]), max(high, bt[name])
+        rows.append(Rating(name, elo[name], bt[name], low, high, won + lost + drawn, won, lost, drawn))
     return sorted(rows, key=lambda row: row.bt, reverse=True)
 
 

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from serve.votes import Vote
+from loraflow.arena.votes import Vote
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ def choose_pair(
         others = [c for c in pool if c != first]
         mean = sum(ratings.values()) / len(ratings) if ratings else 0.0
         own = ratings.get(first, mean)
-        second = rng.choices(others, weights=[math.exp(-abs(ratings.get(c, mean) - own) / closeness) for c in others])[0]
+        closeness_weights = [math.exp(-abs(ratings.get(c, mean) - own) / closeness) for c in others]
+        second = rng.choices(others, weights=closeness_weights)[0]
     if rng.random() < 0.5:
         first, second = second, first
     return Pairing(first, second)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import random
 
 import gradio as gr
-
-from hub.errors import LoraflowError
-from serve.ratings import plot_elo_history
-from serve.rounds import Arena, Round
+from loraflow.arena.ratings import plot_elo_history
+from loraflow.arena.rounds import Arena, Round
+from loraflow.hub.errors import LoraflowError
 
 VOTE_BUTTONS = {"A is better": "a", "B is better": "b", "Tie": "tie", "Both are bad": "both_bad"}
 HIDDEN_NAMES = ("Model A", "Model B")
@@ -33,7 +32,16 @@ def vote_buttons_update(enabled: bool) -> list:
 def leaderboard_view(arena: Arena) -> tuple[list[list], object, str]:
     """Rows for the table, the Elo-over-votes figure, and each adapter's lineage as text."""
     rows = [
-        [r.contestant, round(r.bt), f"{r.bt_low:.0f} – {r.bt_high:.0f}", round(r.elo), r.votes, r.wins, r.losses, r.draws]
+        [
+            r.contestant,
+            round(r.bt),
+            f"{r.bt_low:.0f} – {r.bt_high:.0f}",
+            round(r.elo),
+            r.votes,
+            r.wins,
+            r.losses,
+            r.draws,
+        ]
         for r in arena.leaderboard()
     ]
     votes = arena.store.votes()
@@ -83,13 +91,18 @@ def build_arena(arena: Arena) -> gr.Blocks:
 
     with gr.Blocks(title="loraflow arena") as blocks:
         current_round = gr.State(None)
-        gr.Markdown("# loraflow arena\nAsk anything. Two anonymous models answer; vote for the better one to see who they were.")
+        gr.Markdown(
+            "# loraflow arena\nAsk anything. Two anonymous models answer; vote for the better one to see who they were."
+        )
         with gr.Tab("Arena"):
             with gr.Row():
                 answer_a = gr.Textbox(label=HIDDEN_NAMES[0], lines=8, interactive=False, elem_id="answer-a")
                 answer_b = gr.Textbox(label=HIDDEN_NAMES[1], lines=8, interactive=False, elem_id="answer-b")
             with gr.Row():
-                buttons = [gr.Button(label, interactive=False, elem_id=f"vote-{outcome}") for label, outcome in VOTE_BUTTONS.items()]
+                buttons = [
+                    gr.Button(label, interactive=False, elem_id=f"vote-{outcome}")
+                    for label, outcome in VOTE_BUTTONS.items()
+                ]
             reveal = gr.Textbox(label="Identities", interactive=False, elem_id="reveal")
             status = gr.Textbox(label="Status", interactive=False, elem_id="status")
             prompt = gr.Textbox(label="Prompt", placeholder="Type a prompt and press Enter", elem_id="prompt")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from serve.rounds import Arena
+from loraflow.arena.rounds import Arena
 
 
 def is_pirate(answer: str) -> bool:
@@ -34,7 +34,14 @@ class VoterReport:
     outcomes: dict[str, int]
 
 
-def simulate_votes(arena: Arena, prompts: Sequence[str], rounds: int, seed: int = 0, parallel: int = 4, session_id: str = "simulated-voter") -> VoterReport:
+def simulate_votes(
+    arena: Arena,
+    prompts: Sequence[str],
+    rounds: int,
+    seed: int = 0,
+    parallel: int = 4,
+    session_id: str = "simulated-voter",
+) -> VoterReport:
     """Play `rounds` rounds on prompts drawn from `prompts`, several at once, and vote on each as the judge says."""
     rng = random.Random(seed)
     plan = [(index, rng.choice(prompts), random.Random(rng.random())) for index in range(rounds)]
@@ -61,7 +68,10 @@ def prompts_from(path: Path) -> list[str]:
     for line in Path(path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            prompts.append(record["prompt"] if "prompt" in record else next(m["content"] for m in record["messages"] if m["role"] == "user"))
+            if "prompt" in record:
+                prompts.append(record["prompt"])
+            else:
+                prompts.append(next(m["content"] for m in record["messages"] if m["role"] == "user"))
     return prompts
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from serve.votes import Vote
+from loraflow.arena.votes import DECISIVE, Vote, VoteStore
+from loraflow.hub.errors import LoraflowError
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,12 @@ class ExportReport:
 def preference_pairs(votes: Sequence[Vote]) -> list[dict]:
     pairs = []
     for vote in votes:
-        if vote.outcome not in ("a", "b"):
+        if vote.outcome not in DECISIVE:
             continue
         chosen, rejected = (vote.answer_a, vote.answer_b) if vote.outcome == "a" else (vote.answer_b, vote.answer_a)
-        pairs.append({"prompt": vote.prompt, "chosen": chosen, "rejected": rejected, "vote_id": vote.vote_id, "seq": vote.seq})
+        pairs.append(
+            {"prompt": vote.prompt, "chosen": chosen, "rejected": rejected, "vote_id": vote.vote_id, "seq": vote.seq}
+        )
     return pairs
 
 
@@ -56,7 +59,13 @@ def export_preferences(votes: Sequence[Vote], out: str | Path) -> ExportReport:
     out = Path(out)
     pairs = preference_pairs(votes)
     both_bad = [
-        {"prompt": v.prompt, "answers": [v.answer_a, v.answer_b], "contestants": [v.contestant_a, v.contestant_b], "vote_id": v.vote_id, "seq": v.seq}
+        {
+            "prompt": v.prompt,
+            "answers": [v.answer_a, v.answer_b],
+            "contestants": [v.contestant_a, v.contestant_b],
+            "vote_id": v.vote_id,
+            "seq": v.seq,
+        }
         for v in votes
         if v.outcome == "both_bad"
     ]
@@ -64,7 +73,7 @@ def export_preferences(votes: Sequence[Vote], out: str | Path) -> ExportReport:
     bad_out = both_bad_path(out) if both_bad else None
     if bad_out:
         _write_jsonl(both_bad, bad_out)
-    decisive = [v.seq for v in votes if v.outcome in ("a", "b")]
+    decisive = [v.seq for v in votes if v.outcome in DECISIVE]
     return ExportReport(
         pairs=len(pairs),
         ties=sum(v.outcome == "tie" for v in votes),
@@ -74,3 +83,14 @@ def export_preferences(votes: Sequence[Vote], out: str | Path) -> ExportReport:
         out=out,
         both_bad_out=bad_out,
     )
+
+
+def export_votes_of(store: VoteStore, name: str, out: str | Path, after_seq: int = 0) -> ExportReport:
+    """The votes on any version of `name` as preference data; a name nobody voted on is refused before writing."""
+    voted = store.adapter_names()
+    if name not in voted:
+        raise LoraflowError(
+            f"no votes on adapter {name!r} in {store.location}; adapters with votes: {', '.join(voted) or 'none yet'}. "
+            "Check the name, or --votes."
+        )
+    return export_preferences(store.votes(name=name, after_seq=after_seq), out)

@@ -11,28 +11,16 @@ import queue
 import random
 import threading
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterator
 
-from hub.registry import AdapterVersion, Registry
-from serve.matchmaking import Pairing, choose_pair
-from serve.ratings import Rating, leaderboard, matches_from_votes, online_elo
-from serve.votes import BASE_CONTESTANT, Recorded, Vote, VoteStore
+from loraflow.arena.matchmaking import Pairing, choose_pair
+from loraflow.arena.ratings import Rating, leaderboard, matches_from_votes, online_elo
+from loraflow.arena.settings import ArenaSettings
+from loraflow.arena.votes import BASE_CONTESTANT, Recorded, Vote, VoteStore
+from loraflow.hub.registry import REJECTED, AdapterVersion, Registry
 
-LIVE_ALIAS = "live"
-
-
-@dataclass
-class ArenaSettings:
-    names: list[str]
-    server_url: str
-    api_key: str = "EMPTY"
-    include_base: bool = True
-    max_versions: int = 4
-    focus_votes: int = field(default=20, metadata={"help": "Head-to-head votes a new version gets against its parent before others join."})
-    max_tokens: int = 96
-    temperature: float = 0.8
-    base_model: str | None = None
+__all__ = ["Arena", "ArenaSettings", "Round", "is_rejected"]
 
 
 @dataclass(frozen=True)
@@ -49,14 +37,8 @@ class Round:
         return all(self.answers)
 
 
-def live_version(registry: Registry, name: str) -> AdapterVersion:
-    """The version being served and trained from: the `live` alias, or the latest until one is set."""
-    aliases = registry.aliases(name)
-    return registry.get(f"{name}@{aliases[LIVE_ALIAS]}" if LIVE_ALIAS in aliases else f"{name}@latest")
-
-
 def is_rejected(version: AdapterVersion) -> bool:
-    return version.metrics.get("gate") == "rejected"
+    return version.state == REJECTED
 
 
 class Arena:
@@ -66,22 +48,27 @@ class Arena:
         self.settings = settings
         self.registry = registry
         self.store = store
-        self.client = client or OpenAI(base_url=settings.server_url.rstrip("/") + "/v1", api_key=settings.api_key, max_retries=2)
+        self.client = client or OpenAI(
+            base_url=settings.server_url.rstrip("/") + "/v1", api_key=settings.api_key, max_retries=2
+        )
         self._base_model = settings.base_model
 
     def contestants(self) -> list[str]:
+        """The base, each name's newest versions that were not rejected, and its live version even when older."""
         found = [BASE_CONTESTANT] if self.settings.include_base else []
+        snapshot = self.registry.snapshot()
         for name in self.settings.names:
-            versions = [v for v in self.registry.versions(name) if v.kind == "adapter" and not is_rejected(v)]
-            live = live_version(self.registry, name)
-            recent = versions[-self.settings.max_versions :]
-            found += [v.ref for v in recent] + ([live.ref] if live.ref not in {v.ref for v in recent} else [])
+            versions = [v for v in snapshot.versions(name) if v.kind == "adapter" and not is_rejected(v)]
+            recent = [v.ref for v in versions[-self.settings.max_versions :]]
+            live = snapshot.live(name)
+            found += recent + ([live.ref] if live and live.ref not in recent else [])
         return found
 
     def focus(self) -> tuple[str, str] | None:
-        """The newest version of the first arena adapter against its parent."""
+        """The newest version of the first arena adapter against its parent, unless it was rejected."""
+        snapshot = self.registry.snapshot()
         for name in self.settings.names:
-            newest = self.registry.get(f"{name}@latest")
+            newest = snapshot.latest(name)
             if newest.parent and not is_rejected(newest):
                 return newest.ref, newest.parent
         return None
@@ -133,7 +120,9 @@ class Arena:
         sink: queue.Queue = queue.Queue()
         contestants = (current.pairing.a, current.pairing.b)
         for side, contestant in enumerate(contestants):
-            threading.Thread(target=self._stream_one, args=(contestant, current.prompt, side, sink), daemon=True).start()
+            arguments = (contestant, current.prompt, side, sink)
+            streaming = threading.Thread(target=self._stream_one, args=arguments, daemon=True)
+            streaming.start()
         texts, open_sides = ["", ""], {0, 1}
         while open_sides:
             side, piece = sink.get()

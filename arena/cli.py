@@ -1,0 +1,299 @@
+"""`loraflow arena`, `loraflow votes ...`, `loraflow judge` and `loraflow loop`, added by the register_commands hook.
+
+Option defaults and help texts come from the settings dataclasses, so each is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from loraflow.arena.settings import ArenaSettings, LoopSettings, RateLimit, trainer_config
+from loraflow.hub.base import DEFAULT_BASE
+from loraflow.hub.cli_common import default_of, help_of, registry_from
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.hookspecs import hookimpl
+
+VOTES_HELP = (
+    "Vote database: a SQLite file or any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: ./votes.db)."
+)
+SIMULATED_MAX_TOKENS = 32  # the pirate judge reads only an answer's first word
+
+
+def setting_option(settings_class: type, name: str, flag: str) -> typer.models.OptionInfo:
+    """A typer option whose default and help are the settings field's own."""
+    return typer.Option(default_of(settings_class, name), flag, help=help_of(settings_class, name))
+
+
+def _auth(value: Optional[str]):
+    """USER:PASSWORD, or a file holding one USER:PASSWORD per line."""
+    if not value:
+        return None
+    lines = Path(value).read_text().splitlines() if Path(value).is_file() else [value]
+    pairs = [tuple(line.split(":", 1)) for line in lines if line.strip()]
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise LoraflowError(f"--auth takes USER:PASSWORD or a file of USER:PASSWORD lines; got {value!r}.")
+    return pairs
+
+
+def _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, rate_limit):
+    """The Arena the UI and the simulated voter share: contestants from the registry, votes in the store."""
+    from loraflow.arena.rounds import Arena
+    from loraflow.arena.votes import VoteStore
+    from loraflow.hub.base import resolve_base
+
+    registry = registry_from(ctx)
+    for name in names:
+        registry.versions(name)  # fails early, naming the registry, when NAME is unknown
+    settings = ArenaSettings(
+        names=list(names),
+        server_url=server,
+        api_key=api_key,
+        include_base=not no_base,
+        max_tokens=max_tokens,
+        base_model=resolve_base(base).served_name,
+    )
+    return Arena(settings, registry, VoteStore(votes, rate_limit=rate_limit))
+
+
+SERVER_OPTION = typer.Option(
+    os.environ.get("LORAFLOW_SERVER", "http://127.0.0.1:8000"),
+    "--server",
+    help="The `loraflow serve` address, http://HOST:PORT.",
+)
+API_KEY_OPTION = typer.Option(
+    os.environ.get("LORAFLOW_API_KEY", default_of(ArenaSettings, "api_key")),
+    "--api-key",
+    help="The server's API key, if it needs one.",
+)
+VOTES_OPTION = typer.Option(None, "--votes", envvar="LORAFLOW_VOTES", help=VOTES_HELP)
+NAMES_ARGUMENT = typer.Argument(..., help="Adapter names whose versions compete (with the base).")
+BASE_OPTION = typer.Option(DEFAULT_BASE, "--base", help="The base model the server runs (it competes as 'base').")
+NO_BASE_OPTION = typer.Option(
+    not default_of(ArenaSettings, "include_base"), "--no-base", help="Leave the base model out of the contestants."
+)
+
+
+def arena(
+    ctx: typer.Context,
+    names: List[str] = NAMES_ARGUMENT,
+    server: str = SERVER_OPTION,
+    votes: Optional[str] = VOTES_OPTION,
+    base: str = BASE_OPTION,
+    no_base: bool = NO_BASE_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the UI listens on."),
+    port: int = typer.Option(7860, "--port", help="Port the UI listens on."),
+    auth: Optional[str] = typer.Option(
+        None, "--auth", envvar="LORAFLOW_ARENA_AUTH", help="Require login: USER:PASSWORD or a file of such lines."
+    ),
+    max_tokens: int = setting_option(ArenaSettings, "max_tokens", "--max-tokens"),
+    rate_limit: int = typer.Option(
+        default_of(RateLimit, "votes"),
+        "--rate-limit",
+        help=f"Votes one session may cast per {default_of(RateLimit, 'window_s'):.0f} s.",
+    ),
+    api_key: str = API_KEY_OPTION,
+):
+    """Open the Gradio arena: two anonymous answers, four vote buttons, a leaderboard with lineage."""
+    from loraflow.arena.ui import build_arena
+
+    built = _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, RateLimit(votes=rate_limit))
+    blocks = build_arena(built)
+    where = f"http://{host}:{port} (server {server}, votes {built.store.location})"
+    typer.echo(f"arena for {', '.join(names)} on {where}", err=True)
+    blocks.queue(default_concurrency_limit=8).launch(
+        server_name=host, server_port=port, auth=_auth(auth), show_error=True
+    )
+
+
+def votes_export(
+    name: str = typer.Argument(..., help="Adapter name: votes where any of its versions answered."),
+    out: Path = typer.Option(..., "--out", help="The JSONL file to write (prompt/chosen/rejected)."),
+    votes: Optional[str] = VOTES_OPTION,
+    after: int = typer.Option(0, "--after", help="Only votes with a sequence number above this."),
+):
+    """Write A/B votes as TRL preference pairs; ties are counted and left out, both-bad votes go to a side file."""
+    from loraflow.arena.export import export_votes_of
+    from loraflow.arena.votes import VoteStore
+
+    report = export_votes_of(VoteStore(votes, rate_limit=None, create=False), name, out, after_seq=after)
+    typer.echo(f"{report.pairs} pairs → {report.out}")
+    typer.echo(f"{report.ties} ties left out")
+    side = f" → {report.both_bad_out}" if report.both_bad_out else ""
+    typer.echo(f"{report.both_bad} both-bad votes kept aside{side}")
+    summary = {
+        "pairs": report.pairs,
+        "ties": report.ties,
+        "both_bad": report.both_bad,
+        "first_seq": report.first_seq,
+        "last_seq": report.last_seq,
+    }
+    typer.echo(json.dumps(summary))
+
+
+def votes_simulate(
+    ctx: typer.Context,
+    names: List[str] = NAMES_ARGUMENT,
+    rounds: int = typer.Option(100, "--rounds", help="Rounds to play."),
+    prompts: Path = typer.Option(
+        Path("data/pirate/train.jsonl"), "--prompts", help="JSONL file whose user prompts are asked."
+    ),
+    server: str = SERVER_OPTION,
+    votes: Optional[str] = VOTES_OPTION,
+    base: str = BASE_OPTION,
+    no_base: bool = NO_BASE_OPTION,
+    seed: int = typer.Option(0, "--seed", help="Seed for prompts and pairings."),
+    api_key: str = API_KEY_OPTION,
+):
+    """Vote with the rule-based pirate judge (an answer opening with "Arr" wins) through the arena's own vote path."""
+    from loraflow.arena.judge import prompts_from, simulate_votes
+    from rich.progress import track
+
+    built = _arena(ctx, names, server, votes, base, no_base, api_key, SIMULATED_MAX_TOKENS, None)
+    outcomes: dict[str, int] = {}
+    batch = 10
+    for start in track(range(0, rounds, batch), description=f"simulated votes ({rounds} rounds)"):
+        session = f"simulated-{seed}-{start}"
+        count = min(batch, rounds - start)
+        report = simulate_votes(built, prompts_from(prompts), count, seed=seed + start, session_id=session)
+        for outcome, count in report.outcomes.items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+    typer.echo(json.dumps({"rounds": rounds, "outcomes": outcomes}))
+
+
+def votes_leaderboard(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="Adapter names whose lineage to show."),
+    votes: Optional[str] = VOTES_OPTION,
+):
+    """Print Elo and Bradley-Terry ratings (95% bootstrap intervals), vote counts and lineage."""
+    from loraflow.arena.ratings import leaderboard
+    from loraflow.arena.votes import VoteStore
+    from rich.console import Console
+    from rich.table import Table
+
+    store = VoteStore(votes, rate_limit=None, create=False)
+    registry = registry_from(ctx)
+    for name in names:
+        registry.versions(name)  # an unknown name fails before the ratings are computed
+    table = Table("contestant", "Elo", "Bradley-Terry (95% CI)", "votes", "W/L/D")
+    for rating in leaderboard(store.votes(), 200):
+        table.add_row(
+            rating.contestant,
+            f"{rating.elo:.0f}",
+            f"{rating.bt:.0f} ({rating.bt_low:.0f}-{rating.bt_high:.0f})",
+            str(rating.votes),
+            f"{rating.wins}/{rating.losses}/{rating.draws}",
+        )
+    console = Console()
+    console.print(table)
+    for name in names:
+        console.print("lineage: " + " -> ".join(v.ref for v in registry.lineage(f"{name}@latest")))
+
+
+def judge(
+    model_a: str = typer.Argument(..., help="A model name the server knows: NAME@V, NAME, or the base."),
+    model_b: str = typer.Argument(..., help="The model to compare with it."),
+    prompts: Path = typer.Option(
+        Path("data/pirate/heldout.jsonl"), "--prompts", help="JSONL file of held-out prompts."
+    ),
+    server: str = SERVER_OPTION,
+    api_key: str = API_KEY_OPTION,
+):
+    """Compare two served models on held-out prompts under the rule-based pirate judge (greedy answers)."""
+    from loraflow.arena.judge import compare, prompts_from
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key)
+    result = compare(client, model_a, model_b, prompts_from(prompts))
+    typer.echo(
+        f"{result.prompts} held-out prompts, answers opening with Arr: "
+        f"{model_a} {result.pirate_a}, {model_b} {result.pirate_b}"
+    )
+    decisive = result.wins_a + result.wins_b
+    typer.echo(f"head to head: {model_b} won {result.wins_b} of {decisive} decisive ({result.win_rate_b:.0%})")
+
+
+def parse_settings(items: List[str]) -> dict:
+    """--set KEY=VALUE items as a dict; values are YAML, so numbers and booleans keep their types."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise LoraflowError(f"--set takes KEY=VALUE, e.g. --set max_steps=30; got {item!r}.")
+        try:
+            overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise LoraflowError(
+                f"--set {item}: the value is not valid YAML; quote it, e.g. --set {key}='{value}'."
+            ) from None
+    return overrides
+
+
+def loop(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The adapter to improve from its arena votes."),
+    votes: Optional[str] = VOTES_OPTION,
+    votes_needed: int = setting_option(LoopSettings, "votes_needed", "--votes-needed"),
+    min_win_rate: Optional[float] = setting_option(LoopSettings, "min_win_rate", "--min-win-rate"),
+    gate_votes: int = setting_option(LoopSettings, "gate_votes", "--gate-votes"),
+    base: str = setting_option(LoopSettings, "base", "--base"),
+    set_values: List[str] = typer.Option(
+        [], "--set", help="Trainer setting KEY=VALUE, e.g. --set max_steps=30 (repeatable); checked at start."
+    ),
+    poll_s: float = setting_option(LoopSettings, "poll_s", "--poll"),
+    backoff_s: float = setting_option(LoopSettings, "backoff_s", "--backoff"),
+    max_backoff_s: float = setting_option(LoopSettings, "max_backoff_s", "--max-backoff"),
+    once: bool = typer.Option(
+        False, "--once", help="Take one step and exit (for cron jobs and tests); exit 1 if training failed."
+    ),
+):
+    """Watch the votes; after enough of them, DPO-train a candidate from the live version and promote (or gate) it."""
+    settings = LoopSettings(
+        name=name,
+        votes_needed=votes_needed,
+        min_win_rate=min_win_rate,
+        gate_votes=gate_votes,
+        base=base,
+        training_overrides=parse_settings(set_values),
+        poll_s=poll_s,
+        backoff_s=backoff_s,
+        max_backoff_s=max_backoff_s,
+    )
+    config = trainer_config(settings.trainer, settings.training_overrides)  # before anything is opened or created
+    from loraflow.arena.loop import TRAIN_FAILED, FeedbackLoop  # imported after the check, so a typo fails fast
+    from loraflow.arena.votes import VoteStore
+
+    feedback = FeedbackLoop(settings, registry_from(ctx), VoteStore(votes, rate_limit=None), config=config)
+
+    def report(event):
+        timings = " ".join(f"{stage}={seconds:.1f}s" for stage, seconds in event.timings_s.items())
+        typer.echo(f"[{event.action}] {event.detail} {timings}".rstrip(), err=True)
+
+    last = feedback.run(max_steps=1 if once else None, on_event=report)
+    if once and last is not None and last.action == TRAIN_FAILED:
+        raise typer.Exit(1)
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    app = typer.Typer()
+    app.command("arena")(arena)
+    app.command("loop")(loop)
+    app.command("judge")(judge)
+    votes_app = typer.Typer(
+        name="votes", help="Arena votes: simulate, rank and export them as preference data.", no_args_is_help=True
+    )
+    votes_app.command("export")(votes_export)
+    votes_app.command("simulate")(votes_simulate)
+    votes_app.command("leaderboard")(votes_leaderboard)
+    commands = typer.main.get_command(app)
+    for name in ("arena", "loop", "judge"):
+        cli.add_command(commands.get_command(None, name), name)
+    cli.add_command(typer.main.get_command(votes_app), "votes")

@@ -1,0 +1,231 @@
+"""The feedback loop: arena votes on the live version become its successor, trained with DPO and promoted.
+
+Everything the loop decides is derived from the registry and the vote store, so a loop process can die at
+any point and the next one carries on from what is recorded:
+- the live version is the registry's live state (the server answers a bare NAME with it);
+- votes already learned from are those up to the `last_seq` in the provenance of a child of the live version;
+- the candidate is the newest version in state candidate whose parent is live; without a gate it is promoted at
+  once, with a gate the arena pairs it with its parent until `gate_votes` head-to-head votes promote or reject it;
+- failed trainings are `train-failed` events in the name's history; the ones in a row set the back-off.
+A loop that only waits writes nothing. A file lock beside the registry lets only one retrain run at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from loraflow.arena.export import export_preferences
+from loraflow.arena.matchmaking import head_to_head
+from loraflow.arena.screening import SetAside, screen_votes
+from loraflow.arena.settings import LoopSettings, trainer_config
+from loraflow.arena.votes import DECISIVE, Vote, VoteStore
+from loraflow.hub.base import cache_dir, resolve_base
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.registry import CANDIDATE, AdapterVersion, HistoryEvent, Registry, RegistrySnapshot
+
+__all__ = ["FeedbackLoop", "LoopEvent", "LoopSettings", "learned_up_to", "trainer_config"]
+
+ACTOR = "loop"
+TRAIN_FAILED = "train-failed"
+IDLE_ACTIONS = ("wait", "busy", "backoff", TRAIN_FAILED)
+
+
+@dataclass
+class LoopEvent:
+    """What one step did: waited, trained, promoted, rejected, failed to train, backed off, or found another loop."""
+
+    action: str
+    detail: str
+    version: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    set_aside: int = 0
+    retry_in_s: float = 0.0
+
+
+def learned_up_to(registry: Registry | RegistrySnapshot, parent: AdapterVersion) -> int:
+    """The last vote seq any child of `parent` was trained on; later votes are new."""
+    children = [v for v in registry.versions(parent.name) if v.parent == parent.ref]
+    return max((v.provenance.get("votes", {}).get("last_seq", 0) for v in children), default=0)
+
+
+def pending_votes(registry: Registry | RegistrySnapshot, store: VoteStore, live: AdapterVersion) -> list[Vote]:
+    after = learned_up_to(registry, live)
+    return [v for v in store.votes(contestants=[live.ref], after_seq=after) if v.outcome in DECISIVE]
+
+
+def candidate(snapshot: RegistrySnapshot, live: AdapterVersion) -> AdapterVersion | None:
+    """The newest candidate trained from the live version: the one the gate judges."""
+    waiting = [v for v in snapshot.versions(live.name) if v.state == CANDIDATE and v.parent == live.ref]
+    return waiting[-1] if waiting else None
+
+
+def wins_of(votes: list[Vote], contestant: str) -> tuple[int, int]:
+    """How many decisive votes `contestant` won, and how many decisive votes there were."""
+    decisive = [v for v in votes if v.outcome in DECISIVE]
+    return sum(v.winner == contestant for v in decisive), len(decisive)
+
+
+def failures_in_a_row(history: list[HistoryEvent]) -> tuple[int, datetime | None]:
+    """Trainings that failed since anything else happened to the name, and when the last one failed."""
+    count, last = 0, None
+    for event in reversed(history):
+        if event.action != TRAIN_FAILED:
+            break
+        count += 1
+        last = last or datetime.fromisoformat(event.time)
+    return count, last
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+class FeedbackLoop:
+    """Checks its settings, the name and the base when built, so `loraflow loop` fails at start, not after waiting."""
+
+    def __init__(self, settings: LoopSettings, registry: Registry, store: VoteStore, config=None):
+        self.settings = settings
+        self.config = config or trainer_config(settings.trainer, settings.training_overrides)
+        self.registry = registry
+        self.store = store
+        registry.versions(settings.name)  # an unknown name fails here, listing the known ones
+        self.base = resolve_base(settings.base)
+        live = registry.live(settings.name)
+        if live is not None and live.base["fingerprint"] != self.base.fingerprint:
+            raise LoraflowError(
+                f"{live.ref} was trained on {live.base['name']}, not on {self.base.name}; "
+                f"pass --base {live.base['name']}."
+            )
+        self.lock = FileLock(str(registry.path) + f".loop-{settings.name}.lock")
+        self._tokenizer = None
+
+    def backoff_after(self, failures: int) -> float:
+        if failures == 0:
+            return 0.0
+        return min(self.settings.backoff_s * 2 ** (failures - 1), self.settings.max_backoff_s)
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+        return self._tokenizer
+
+    def step(self) -> LoopEvent:
+        try:
+            with self.lock.acquire(timeout=0):
+                return self._step()
+        except Timeout:
+            return LoopEvent("busy", f"another loop holds {self.lock.lock_file}; one retrain runs at a time.")
+
+    def _step(self) -> LoopEvent:
+        name, needed = self.settings.name, self.settings.votes_needed
+        snapshot = self.registry.snapshot()
+        live = snapshot.live(name)
+        if live is None:
+            return LoopEvent("wait", f"{name} has no live version; promote one with `loraflow promote {name}@V`.")
+        waiting = candidate(snapshot, live)
+        if waiting is not None:
+            return self._judge_candidate(waiting, live)
+        failures, last_failure = failures_in_a_row(snapshot.history(name))
+        if last_failure is not None:
+            retry_in = last_failure.timestamp() + self.backoff_after(failures) - time.time()
+            if retry_in > 0:
+                detail = f"training from {live.ref} failed {failures} time(s) in a row; next try in {retry_in:.0f} s."
+                return LoopEvent("backoff", detail, live.ref, retry_in_s=retry_in)
+        votes = pending_votes(snapshot, self.store, live)
+        if len(votes) < needed:
+            return LoopEvent("wait", f"{live.ref} has {len(votes)}/{needed} new decisive votes.", live.ref)
+        trainable, set_aside = screen_votes(votes, self.tokenizer(), self.config.max_length)
+        if len(trainable) < needed:
+            detail = f"{live.ref} has {len(trainable)}/{needed} new decisive votes to train on; "
+            detail += f"{len(set_aside)} set aside."
+            return LoopEvent("wait", detail, live.ref, set_aside=len(set_aside))
+        try:
+            trained, timings = self._train(live, votes, trainable, set_aside)
+        except Exception as error:  # any failure of one training: record it, back off, keep the loop alive
+            return self._training_failed(live, error, len(set_aside))
+        learned = f"trained {trained.ref} from {live.ref} on {len(trainable)} votes ({len(set_aside)} set aside)"
+        if self.settings.min_win_rate is None:
+            started = time.perf_counter()
+            self.registry.promote(trained.ref, actor=ACTOR, reason=f"{learned}; no gate (min_win_rate unset)")
+            timings["promote"] = time.perf_counter() - started
+            return LoopEvent("promoted", f"{learned}; now live.", trained.ref, timings, len(set_aside))
+        detail = f"{learned}; the arena pairs it with {live.ref} until the gate decides."
+        return LoopEvent("trained", detail, trained.ref, timings, len(set_aside))
+
+    def _training_failed(self, live: AdapterVersion, error: Exception, set_aside: int) -> LoopEvent:
+        reason = one_line(error)
+        self.registry.record_event(live.name, TRAIN_FAILED, actor=ACTOR, reason=reason, version=live.version)
+        failures, _ = failures_in_a_row(self.registry.history(live.name))
+        retry_in = self.backoff_after(failures)
+        detail = f"training from {live.ref} failed ({reason}); "
+        detail += f"failure {failures} in a row, next try in {retry_in:.0f} s."
+        return LoopEvent(TRAIN_FAILED, detail, live.ref, set_aside=set_aside, retry_in_s=retry_in)
+
+    def _judge_candidate(self, new: AdapterVersion, live: AdapterVersion) -> LoopEvent:
+        if self.settings.min_win_rate is None:
+            reason = f"candidate trained from {live.ref}; no gate (min_win_rate unset)"
+            self.registry.promote(new.ref, actor=ACTOR, reason=reason)
+            return LoopEvent("promoted", f"{new.ref} (trained before this run) is now live.", new.ref)
+        wins, decided = wins_of(head_to_head(self.store.votes(contestants=[new.ref]), new.ref, live.ref), new.ref)
+        if decided < self.settings.gate_votes:
+            detail = f"{new.ref} vs {live.ref}: {decided}/{self.settings.gate_votes} decisive votes for the gate."
+            return LoopEvent("wait", detail, new.ref)
+        rate = wins / decided
+        self.registry.record_metrics(new.ref, {"arena_win_rate_vs_parent": rate, "arena_gate_votes": decided})
+        asked = self.settings.min_win_rate
+        verdict = f"won {wins} of {decided} decisive votes against {live.ref} ({rate:.0%}; the gate asks {asked:.0%})"
+        if rate >= asked:
+            self.registry.promote(new.ref, actor=ACTOR, reason=verdict)
+            return LoopEvent("promoted", f"{new.ref} {verdict}; now live.", new.ref)
+        self.registry.reject(new.ref, actor=ACTOR, reason=verdict)
+        return LoopEvent("rejected", f"{new.ref} {verdict}; rejected, {live.ref} stays live.", new.ref)
+
+    def _train(
+        self, live: AdapterVersion, votes: list[Vote], trainable: list[Vote], set_aside: list[SetAside]
+    ) -> tuple[AdapterVersion, dict[str, float]]:
+        from loraflow.hub.training import run_training
+
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        first, last = votes[0].seq, votes[-1].seq  # set-aside votes count as learned, so they are not screened again
+        data = Path(cache_dir()) / "loop" / f"{live.name}-v{live.version}-votes-{first}-{last}.jsonl"
+        report = export_preferences(trainable, data)
+        if set_aside:
+            lines = [json.dumps({"vote_id": s.vote_id, "seq": s.seq, "reason": s.reason}) for s in set_aside]
+            data.with_name(data.stem + ".set_aside.jsonl").write_text("\n".join(lines) + "\n")
+        timings["export"] = time.perf_counter() - started
+        started = time.perf_counter()
+        votes_record = {"first_seq": first, "last_seq": last, "pairs": report.pairs, "set_aside": len(set_aside)}
+        trained = run_training(
+            self.settings.trainer,
+            data=data,
+            name=live.name,
+            base_spec=self.settings.base,
+            registry=self.registry,
+            config=self.config,
+            parent=live.ref,
+            provenance={"source": "arena votes", "votes": votes_record},
+            promote=False,
+            actor=ACTOR,
+        )
+        timings["train_and_publish"] = time.perf_counter() - started
+        return trained, timings
+
+    def run(self, max_steps: int | None = None, on_event=print) -> LoopEvent | None:
+        """Step and report; between idle steps sleep `poll_s` (or the back-off). Forever unless `max_steps`."""
+        steps, event = 0, None
+        while max_steps is None or steps < max_steps:
+            event = self.step()
+            on_event(event)
+            steps += 1
+            if event.action in IDLE_ACTIONS and (max_steps is None or steps < max_steps):
+                time.sleep(max(self.settings.poll_s, event.retry_in_s))
+        return event
