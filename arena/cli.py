@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import click
 import typer
+
 from loraflow.arena.settings import ArenaSettings, LoopSettings, RateLimit, trainer_config
 from loraflow.hub.base import DEFAULT_BASE
 from loraflow.hub.cli_common import default_of, help_of, registry_from
@@ -110,11 +111,15 @@ def arena(
     )
 
 
+VOTED_NAME_ARGUMENT = typer.Argument(..., help="Adapter name: votes where any of its versions answered.")
+AFTER_OPTION = typer.Option(0, "--after", help="Only votes with a sequence number above this.")
+
+
 def votes_export(
-    name: str = typer.Argument(..., help="Adapter name: votes where any of its versions answered."),
+    name: str = VOTED_NAME_ARGUMENT,
     out: Path = typer.Option(..., "--out", help="The JSONL file to write (prompt/chosen/rejected)."),
     votes: Optional[str] = VOTES_OPTION,
-    after: int = typer.Option(0, "--after", help="Only votes with a sequence number above this."),
+    after: int = AFTER_OPTION,
 ):
     """Write A/B votes as TRL preference pairs; ties are counted and left out, both-bad votes go to a side file."""
     from loraflow.arena.export import export_votes_of
@@ -129,6 +134,40 @@ def votes_export(
         "pairs": report.pairs,
         "ties": report.ties,
         "both_bad": report.both_bad,
+        "first_seq": report.first_seq,
+        "last_seq": report.last_seq,
+    }
+    typer.echo(json.dumps(summary))
+
+
+def votes_push(
+    ctx: typer.Context,
+    name: str = VOTED_NAME_ARGUMENT,
+    to_hub: str = typer.Option(
+        ..., "--to-hub", help="The dataset repo, ORG/REPO. The endpoint is HF_ENDPOINT (default huggingface.co)."
+    ),
+    votes: Optional[str] = VOTES_OPTION,
+    after: int = AFTER_OPTION,
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility if the repo is created now."),
+):
+    """Publish the A/B votes as a preference dataset: Parquet (prompt/chosen/rejected) and a card with the vote
+    window, counts and lineage. Session ids are published only as per-push HMACs. Token: HF_TOKEN or `hf auth login`."""
+    from loraflow.arena.dataset_push import push_votes
+    from loraflow.arena.votes import VoteStore
+
+    store = VoteStore(votes, rate_limit=None, create=False)
+    report = push_votes(store, registry_from(ctx), name, to_hub, after_seq=after, private=private)
+    typer.echo(f"{report.pairs} pairs → {report.repo_id} (commit {report.commit[:12]})")
+    typer.echo(f"{report.ties} ties left out, {report.both_bad} both-bad, {report.set_aside} set aside")
+    typer.echo(f"  {report.repo_url}")
+    summary = {
+        "repo": report.repo_id,
+        "commit": report.commit,
+        "votes": report.votes,
+        "pairs": report.pairs,
+        "ties": report.ties,
+        "both_bad": report.both_bad,
+        "set_aside": report.set_aside,
         "first_seq": report.first_seq,
         "last_seq": report.last_seq,
     }
@@ -150,8 +189,9 @@ def votes_simulate(
     api_key: str = API_KEY_OPTION,
 ):
     """Vote with the rule-based pirate judge (an answer opening with "Arr" wins) through the arena's own vote path."""
-    from loraflow.arena.judge import prompts_from, simulate_votes
     from rich.progress import track
+
+    from loraflow.arena.judge import prompts_from, simulate_votes
 
     built = _arena(ctx, names, server, votes, base, no_base, api_key, SIMULATED_MAX_TOKENS, None)
     outcomes: dict[str, int] = {}
@@ -171,10 +211,11 @@ def votes_leaderboard(
     votes: Optional[str] = VOTES_OPTION,
 ):
     """Print Elo and Bradley-Terry ratings (95% bootstrap intervals), vote counts and lineage."""
-    from loraflow.arena.ratings import leaderboard
-    from loraflow.arena.votes import VoteStore
     from rich.console import Console
     from rich.table import Table
+
+    from loraflow.arena.ratings import leaderboard
+    from loraflow.arena.votes import VoteStore
 
     store = VoteStore(votes, rate_limit=None, create=False)
     registry = registry_from(ctx)
@@ -205,8 +246,9 @@ def judge(
     api_key: str = API_KEY_OPTION,
 ):
     """Compare two served models on held-out prompts under the rule-based pirate judge (greedy answers)."""
-    from loraflow.arena.judge import compare, prompts_from
     from openai import OpenAI
+
+    from loraflow.arena.judge import compare, prompts_from
 
     client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key)
     result = compare(client, model_a, model_b, prompts_from(prompts))
@@ -288,9 +330,10 @@ def register_commands(cli: click.Group) -> None:
     app.command("loop")(loop)
     app.command("judge")(judge)
     votes_app = typer.Typer(
-        name="votes", help="Arena votes: simulate, rank and export them as preference data.", no_args_is_help=True
+        name="votes", help="Arena votes: simulate, rank, export and push them as preference data.", no_args_is_help=True
     )
     votes_app.command("export")(votes_export)
+    votes_app.command("push")(votes_push)
     votes_app.command("simulate")(votes_simulate)
     votes_app.command("leaderboard")(votes_leaderboard)
     commands = typer.main.get_command(app)

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
 from loraflow.arena.export import export_preferences
 from loraflow.arena.matchmaking import head_to_head
 from loraflow.arena.screening import SetAside, screen_votes

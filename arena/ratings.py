@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from loraflow.arena.votes import Vote
 
 ELO_START = 1000.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import gradio as gr
+
 from loraflow.arena.ratings import plot_elo_history
 from loraflow.arena.rounds import Arena, Round
 from loraflow.hub.errors import LoraflowError

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from loraflow.arena.settings import RateLimit
-from loraflow.hub.errors import LoraflowError
 from sqlalchemy import Float, Integer, String, Text, create_engine, event, func, inspect, select, union
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from loraflow.arena.settings import RateLimit
+from loraflow.hub.errors import LoraflowError
 
 OUTCOMES = ("a", "b", "tie", "both_bad")
 DECISIVE = ("a", "b")

@@ -19,11 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loraflow.hub.base import resolve_base  # noqa: E402
+from bench.serve_throughput import burst, make_adapter  # noqa: E402
+from loraflow.hub.base import DEFAULT_BASE, resolve_base  # noqa: E402
 from loraflow.hub.registry import Registry  # noqa: E402
 from loraflow.serve.launcher import start_server  # noqa: E402
-
-from bench.serve_throughput import burst, make_adapter  # noqa: E402
 
 CHECK_PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is"]
 
@@ -73,7 +72,7 @@ def serve(registry: Path, base, labels, args, **settings) -> tuple[float, dict, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)

@@ -21,11 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loraflow.hub.base import resolve_base  # noqa: E402
+from bench.serve_throughput import make_adapter  # noqa: E402
+from loraflow.hub.base import DEFAULT_BASE, resolve_base  # noqa: E402
 from loraflow.hub.registry import Registry  # noqa: E402
 from loraflow.serve.launcher import start_server  # noqa: E402
-
-from bench.serve_throughput import make_adapter  # noqa: E402
 
 NAME = "swap"
 PROMPT = "Tell me about the sea."
@@ -84,7 +83,7 @@ async def run(url: str, registry: Registry, base, sources: list[Path], rate: flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--rate", type=float, default=8, help="requests started per second")
     parser.add_argument("--swaps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)

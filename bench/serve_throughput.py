@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loraflow.hub.base import resolve_base  # noqa: E402
+from loraflow.hub.base import DEFAULT_BASE, resolve_base  # noqa: E402
 from loraflow.hub.registry import Registry  # noqa: E402
 from loraflow.serve.launcher import start_server  # noqa: E402
 
@@ -69,7 +69,7 @@ async def measure(url: str, base_name: str, adapters: list[str], concurrency: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=32)

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from loraflow.hub.base import DEFAULT_BASE
+
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = """
@@ -41,7 +43,7 @@ def peak_rss_mib(method: str, steps: int, base: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     args = parser.parse_args()
     peaks = {method: peak_rss_mib(method, args.steps, args.base) for method in ("lora", "qlora")}
     for method, mib in peaks.items():

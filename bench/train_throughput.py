@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from loraflow.hub.base import DEFAULT_BASE  # noqa: E402
+
 SETTINGS = dict(
     per_device_train_batch_size=8,
     max_length=128,
@@ -53,10 +55,11 @@ def run_plain(data: Path, base_spec: str, workdir: Path, bf16: bool = False, **e
     """What a user writes with TRL alone, with the settings our trainer passes."""
     import torch
     from datasets import Dataset
-    from loraflow.hub.base import resolve_base
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
+
+    from loraflow.hub.base import resolve_base
 
     start = time.perf_counter()
     path = resolve_base(base_spec).path
@@ -100,8 +103,9 @@ def run_plain(data: Path, base_spec: str, workdir: Path, bf16: bool = False, **e
 
 
 def count_tokens(data: Path, base_spec: str) -> int:
-    from loraflow.hub.base import resolve_base
     from transformers import AutoTokenizer
+
+    from loraflow.hub.base import resolve_base
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_spec).path)
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
@@ -112,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--examples", type=int, default=96, help="training examples per run (one epoch)")
-    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     args = parser.parse_args()
 
     import datasets

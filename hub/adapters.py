@@ -10,8 +10,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.hub.errors import LoraflowError
 from safetensors import safe_open
+
+from loraflow.hub.errors import LoraflowError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

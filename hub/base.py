@@ -213,4 +213,3 @@ def check_adapter_fits(base: BaseModel, adapter_folder: Path, declared_base: str
                 f"{adapter_folder}: {module_name} is {in_features}->{out_features} in the adapter but "
                 f"{expected[0]}->{expected[1]} in {base.name}; the adapter was made for another base model."
             )
-

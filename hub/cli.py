@@ -12,11 +12,13 @@ from typing import Optional
 
 import click
 import typer
-from loraflow.hub.base import DEFAULT_BASE
-from loraflow.hub.cli_common import registry_from
-from loraflow.hub.errors import LoraflowError
 from rich.console import Console
 from rich.table import Table
+
+from loraflow.hub.base import DEFAULT_BASE
+from loraflow.hub.cli_common import registry_from
+from loraflow.hub.data import DEFAULT_SPLIT, data_sources
+from loraflow.hub.errors import LoraflowError
 
 console = Console()
 errors = Console(stderr=True)
@@ -285,9 +287,18 @@ def _train_command(info) -> click.Command:
         click.Option(
             ["--data"],
             required=True,
-            type=click.Path(dir_okay=False),
-            help=f"JSONL file of {info.trainer_class.data_format} examples.",
+            help=(
+                f"Training data: {data_sources(info.trainer_class.data_format)} (from HF_ENDPOINT). ShareGPT, Alpaca "
+                "and UltraFeedback-style layouts are mapped automatically."
+            ),
         ),
+        click.Option(
+            ["--split"],
+            default=DEFAULT_SPLIT,
+            show_default=True,
+            help="The split of a Hub dataset id to train on; datasets' slices work too, e.g. 'train[:1000]'.",
+        ),
+        click.Option(["--subset"], default=None, help="The subset (config name) of a Hub dataset id that has several."),
         click.Option(["--name"], required=True, help="Adapter name; the result is published as NAME@N."),
         click.Option(
             ["--base"], default=DEFAULT_BASE, show_default=True, help="Base model: alias, folder, .gguf or Hub id."
@@ -318,7 +329,7 @@ def _train_command(info) -> click.Command:
             )
         )
 
-    def callback(data, name, base, parent, promote, config_file, **overrides):
+    def callback(data, split, subset, name, base, parent, promote, config_file, **overrides):
         from loraflow.hub.training import load_config, run_training
 
         config = load_config(config_class, config_file, overrides)
@@ -326,6 +337,8 @@ def _train_command(info) -> click.Command:
         version = run_training(
             info.name,
             data=data,
+            split=split,
+            subset=subset,
             name=name,
             base_spec=base,
             registry=registry,
@@ -334,8 +347,11 @@ def _train_command(info) -> click.Command:
             promote=promote,
             actor=f"train {info.name}",
         )
-        _print_published(version)
-        console.print_json(json.dumps({"metrics": version.metrics, "path": version.path, "parent": version.parent}))
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:  # under `accelerate launch` every rank returns; one reports
+            _print_published(version)
+            console.print_json(json.dumps({"metrics": version.metrics, "path": version.path, "parent": version.parent}))
 
     return click.Command(
         info.name,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
 from loraflow.hub.base import DEFAULT_BASE
 from loraflow.hub.cli_common import registry_from
-from rich.console import Console
 
 console = Console()
 errors = Console(stderr=True)
@@ -84,6 +85,8 @@ def serve(
     Revision main is NAME's live version, vN is version N, each alias a branch. A commit to main publishes and
     promotes; a commit to the next vN or to an alias publishes a candidate. Clients set HF_ENDPOINT=http://HOST:PORT,
     then snapshot_download, PeftModel.from_pretrained("loraflow/NAME") and HfApi.upload_folder work unchanged.
+    Dataset repos ORG/REPO (repo_type="dataset") live in datasets/ beside the registry: each commit is a new
+    revision, main the newest, and datasets.load_dataset("ORG/REPO") reads them.
     Writes need a token (HF_TOKEN on the client). Headers over 16 KiB get 431, bodies over --max-body-mb 413.
     """
     from loraflow.hub.base import resolve_base

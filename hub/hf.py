@@ -108,6 +108,7 @@ def push_to_hub(
     next vN; NAME@ALIAS becomes a candidate on the alias branch, which then points at it.
     """
     from huggingface_hub import HfApi
+
     from loraflow.hub.registry import AdapterRef
 
     adapter_ref = AdapterRef.parse(ref)
@@ -142,6 +143,7 @@ def _push_in_hub_layout(api, repo_id: str, staging: Path, adapter_ref, version) 
 def _push_to_loraflow_hub(api, repo_id: str, staging: Path, adapter_ref, version) -> dict[str, str]:
     """One commit: NAME to main (published and promoted), NAME@ALIAS to its branch, anything else to the next vN."""
     from huggingface_hub import constants
+
     from loraflow.hub.registry import LIVE
 
     constants.HF_HUB_DISABLE_XET = True  # what HF_HUB_DISABLE_XET=1 sets: the server speaks LFS, not Xet
@@ -182,21 +184,44 @@ def is_loraflow_hub(endpoint: str) -> bool:
         return False
 
 
-def _mirror_folder(api, repo_id: str, folder: Path, revision: str, message: str) -> str:
+def _mirror_folder(api, repo_id: str, folder: Path, revision: str, message: str, repo_type: str = "model") -> str:
     """One commit that makes `revision` hold exactly the folder's files (the Hub's .gitattributes stays)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     local = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()}
     try:
-        remote = set(api.list_repo_files(repo_id, revision=revision))
+        remote = set(api.list_repo_files(repo_id, revision=revision, repo_type=repo_type))
     except (RevisionNotFoundError, RepositoryNotFoundError):  # a loraflow hub makes repos and vN by committing
         remote = set()
     stale = sorted(remote - set(local) - {".gitattributes"})
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in local.items()]
     operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
     message = f"loraflow push {message}"
-    return api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision).oid
+    commit = api.create_commit(
+        repo_id, operations=operations, commit_message=message, revision=revision, repo_type=repo_type
+    )
+    return commit.oid
+
+
+def push_dataset_folder(
+    folder: Path, repo_id: str, message: str, *, private: bool | None = None, endpoint: str | None = None
+) -> PushResult:
+    """Make dataset repo ORG/REPO's main hold exactly the folder's files, in one commit; the repo is made if missing.
+
+    The same calls on huggingface.co and on a `loraflow hub serve` endpoint, which speaks LFS, not Xet."""
+    from huggingface_hub import HfApi, constants
+
+    parsed, revision = parse_hub_source(repo_id)
+    if "@" in repo_id:
+        raise LoraflowError(f"{repo_id!r}: a dataset is pushed to its main branch; give ORG/REPO without @{revision}.")
+    api = HfApi(endpoint=endpoint)
+    if is_loraflow_hub(api.endpoint):
+        constants.HF_HUB_DISABLE_XET = True  # what HF_HUB_DISABLE_XET=1 sets
+    with hub_errors(f"dataset {parsed}", api.endpoint):
+        repo_url = api.create_repo(parsed, repo_type="dataset", private=private, exist_ok=True)
+        commit = _mirror_folder(api, parsed, Path(folder), LIVE_BRANCH, message, repo_type="dataset")
+    return PushResult(repo_url=str(repo_url), revisions={LIVE_BRANCH: commit})
 
 
 def parse_hub_source(source: str) -> tuple[str, str]:
@@ -209,6 +234,7 @@ def parse_hub_source(source: str) -> tuple[str, str]:
 def pull_from_hub(registry, source: str, name: str, *, base: BaseModel, endpoint: str | None = None):
     """Download ORG/REPO[@REV] and publish it as the next version of NAME, with every local publish check."""
     from huggingface_hub import HfApi, snapshot_download
+
     from loraflow.hub.registry import check_name
 
     check_name(name)
@@ -270,6 +296,7 @@ def pull_to_cache(
     against the sha256 the registry recorded at publish time. For serving replicas and resolvers.
     """
     from huggingface_hub import HfApi, snapshot_download
+
     from loraflow.hub.base import cache_dir as loraflow_cache
 
     repo_id = f"{NAMESPACE}/{name}"

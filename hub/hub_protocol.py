@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
+
     from loraflow.hub.base import BaseModel
 
 NAMESPACE = "loraflow"

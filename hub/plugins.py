@@ -164,4 +164,3 @@ def _add_trainer(result: PluginSet, source: PluginSource, trainer_class: type) -
         raise LoraflowError(f"trainer {name!r} is already registered by {other.package} {other.version}")
     first_line = (trainer_class.description or "").strip().splitlines()[0] if trainer_class.description else ""
     result.trainers[name] = TrainerInfo(name, trainer_class, first_line, source)
-

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock
+
 from loraflow.hub.adapters import adapter_files, copy_adapter_files, hash_folder, inspect_adapter
 from loraflow.hub.base import BaseModel, check_adapter_fits
 from loraflow.hub.errors import LoraflowError
@@ -176,14 +177,14 @@ class RegistrySnapshot:
 
     def versions(self, name: str) -> list[AdapterVersion]:
         entry = self._entry(name)
-        return [AdapterVersion(**entry["versions"][key]) for key in sorted(entry["versions"], key=int)]
+        return [_version(entry["versions"][key]) for key in sorted(entry["versions"], key=int)]
 
     def aliases(self, name: str) -> dict[str, int]:
         """The user's aliases (production, staging ...); `latest` and `live` are not aliases but facts."""
         return dict(self._entry(name)["aliases"])
 
     def history(self, name: str) -> list[HistoryEvent]:
-        return [HistoryEvent(**event) for event in self._entry(name)["history"]]
+        return [_event(event) for event in self._entry(name)["history"]]
 
     def latest(self, name: str) -> AdapterVersion:
         return self.versions(name)[-1]
@@ -198,7 +199,7 @@ class RegistrySnapshot:
         number = self._number(entry, ref.selector)
         if number is None or str(number) not in entry["versions"]:
             raise LoraflowError(self._missing(ref))
-        return AdapterVersion(**entry["versions"][str(number)])
+        return _version(entry["versions"][str(number)])
 
     def find(self, model: str) -> AdapterVersion | None:
         """What a client's model string names now, or None: the non-raising resolve that serving asks per request."""
@@ -208,7 +209,7 @@ class RegistrySnapshot:
             return None
         number = self._number(entry, selector or LIVE)
         record = entry["versions"].get(str(number)) if number is not None else None
-        return AdapterVersion(**record) if record else None
+        return _version(record) if record else None
 
     @staticmethod
     def _number(entry: dict, selector: str) -> int | None:
@@ -272,47 +273,83 @@ def _validated(data, source: str) -> dict:
     def foreign(why: str) -> LoraflowError:
         return LoraflowError(
             f"{source}: not a loraflow registry file ({why}). A registry is a JSON object with schema_version, "
-            "revision "
-            "and adapters; point --registry (or LORAFLOW_REGISTRY) at one, or at a path that does not exist yet."
+            "revision and adapters; point --registry (or LORAFLOW_REGISTRY) at one, or at a path that does not exist."
         )
 
     if not isinstance(data, dict) or "adapters" not in data:
         raise foreign("it is a JSON " + type(data).__name__.replace("dict", "object without 'adapters'"))
     version = data.get("schema_version")
-    if isinstance(version, int) and version > SCHEMA_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise LoraflowError(
             f"{source}: schema_version {version} was written by a newer loraflow (this one reads up to "
             f"{SCHEMA_VERSION}). Upgrade loraflow."
         )
-    if version not in (1, SCHEMA_VERSION):
+    if version not in (1, SCHEMA_VERSION) or isinstance(version, bool):
         raise foreign(f"schema_version is {version!r}")
-    adapters = data["adapters"]
-    if not isinstance(adapters, dict):
+    if not isinstance(data["adapters"], dict):
         raise foreign("'adapters' is not an object")
-    for name, entry in adapters.items():
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("versions"), dict)
-            and isinstance(entry.get("aliases", {}), dict)
-        ):
-            raise foreign(f"the entry for {name!r} has no 'versions' object")
-        entry.setdefault("aliases", {})
-        if not isinstance(entry.setdefault("history", []), list):
-            raise foreign(f"the history of {name!r} is not a list")
-        for number, record in entry["versions"].items():
-            missing = [
-                key
-                for key in ("name", "version", "kind", "path", "files", "base")
-                if not isinstance(record, dict) or key not in record
-            ]
-            if not str(number).isdigit() or missing:
-                raise foreign(f"{name} version {number!r} lacks {', '.join(missing) or 'a numeric key'}")
-            if version == SCHEMA_VERSION and record.get("state") not in STATES:
-                raise foreign(
-                    f"{name} version {number} has state {record.get('state')!r}, not one of {', '.join(STATES)}"
-                )
+    for name, entry in data["adapters"].items():
+        problem = _entry_problem(name, entry, needs_state=version == SCHEMA_VERSION)
+        if problem:
+            raise foreign(problem)
     data = {**data, "revision": data.get("revision", 0) if isinstance(data.get("revision"), int) else 0}
     return _upgrade_v1(data) if version == 1 else data
+
+
+# The type of every field a version record may hold; a record needs the first six.
+RECORD_FIELDS = {
+    "name": str, "version": int, "kind": str, "path": str, "files": dict, "base": dict, "trainer": dict,
+    "parent": (str, type(None)), "created": str, "metrics": dict, "lora": dict, "provenance": dict, "state": str,
+}  # fmt: skip
+REQUIRED_FIELDS = ("name", "version", "kind", "path", "files", "base")
+EVENT_FIELDS = {"time": str, "action": str, "actor": str, "reason": str, "version": (int, type(None)),
+                "previous": (int, type(None))}  # fmt: skip
+
+
+def _entry_problem(name: str, entry, needs_state: bool) -> str | None:
+    """What makes one name's entry unreadable, or None. Unknown keys are kept and ignored (a newer writer's)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("versions"), dict) or not entry["versions"]:
+        return f"the entry for {name!r} has no 'versions' object with at least one version"
+    aliases = entry.setdefault("aliases", {})
+    if not isinstance(aliases, dict) or not all(_is_int(v) for v in aliases.values()):
+        return f"the aliases of {name!r} are not an object of version numbers"
+    history = entry.setdefault("history", [])
+    if not isinstance(history, list) or not all(
+        _fits(event, EVENT_FIELDS, ("time", "action", "actor")) for event in history
+    ):
+        return f"the history of {name!r} is not a list of events with time, action and actor"
+    for number, record in entry["versions"].items():
+        if not str(number).isdigit() or not _fits(record, RECORD_FIELDS, REQUIRED_FIELDS):
+            fields = ", ".join(f"{key} ({kind.__name__ if isinstance(kind, type) else 'str or null'})"
+                               for key, kind in RECORD_FIELDS.items() if key in REQUIRED_FIELDS)  # fmt: skip
+            return f"{name} version {number!r} is not a version record with {fields}"
+        if record["name"] != name or record["version"] != int(number):
+            return f"{name} version {number} names itself {record['name']}@{record['version']}"
+        if needs_state and record.get("state") not in STATES:
+            return f"{name} version {number} has state {record.get('state')!r}, not one of {', '.join(STATES)}"
+    return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fits(record, types: dict, required: tuple[str, ...]) -> bool:
+    """A JSON object holding the required keys, whose known keys have the expected types."""
+    if not isinstance(record, dict) or any(key not in record for key in required):
+        return False
+    for key, kind in types.items():
+        if key in record and (not isinstance(record[key], kind) or (kind is int and isinstance(record[key], bool))):
+            return False
+    return True
+
+
+def _version(record: dict) -> AdapterVersion:
+    return AdapterVersion(**{key: record[key] for key in RECORD_FIELDS if key in record})
+
+
+def _event(record: dict) -> HistoryEvent:
+    return HistoryEvent(**{key: record[key] for key in EVENT_FIELDS if key in record})
 
 
 def _upgrade_v1(data: dict) -> dict:

@@ -13,12 +13,16 @@ from typing import Any
 import yaml
 
 from loraflow.hub.base import BaseModel, cache_dir, resolve_base
-from loraflow.hub.data import check_lengths, load_records, split_records, strip_line_numbers
+from loraflow.hub.data import DEFAULT_SPLIT, check_lengths, load_data, split_records, strip_line_numbers
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.plugins import get_plugins
 from loraflow.hub.registry import AdapterVersion, Registry, check_name
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# TRL's own integrations (TrainingArguments.report_to), and the package each needs.
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
+# trackio's project; wandb and mlflow take theirs from WANDB_PROJECT and MLFLOW_EXPERIMENT_NAME.
+TRACKING_PROJECT = "loraflow"
 
 
 @dataclass
@@ -76,10 +80,22 @@ class TrainingConfig:
     )
     bf16: bool = field(
         default=False,
-        metadata={"help": (
-            "bf16 mixed precision (autocast, fp32 weights) on the CPU; about 2x faster where the CPU has AVX512-BF16 "
-            "or AMX. Always on for GPUs that support bf16."
-        )},
+        metadata={
+            "help": (
+                "bf16 mixed precision (autocast, fp32 weights) on the CPU; about 2x faster where the CPU has "
+                "AVX512-BF16 or AMX. Always on for GPUs that support bf16."
+            )
+        },
+    )
+
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": (
+                f"Where TRL logs the run: {', '.join(TRACKERS)}. TensorBoard writes under the run's folder; the run's "
+                "log folder, URL or name is recorded in the registry and the model card."
+            )
+        },
     )
 
     def __post_init__(self) -> None:
@@ -98,14 +114,26 @@ class TrainingConfig:
             (self.lora_alpha >= 1, "lora_alpha must be at least 1"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (bool(self.lora_target_modules), "lora_target_modules must name at least one module"),
+            (self.report_to in TRACKERS, f"report_to must be one of {', '.join(TRACKERS)}"),
         ]
-        problems = [message for ok, message in checks if not ok]
+        problems = [message for ok, message in checks if not ok] or _missing_tracker(self.report_to)
         if problems:
             raise LoraflowError(f"{type(self).__name__}: " + "; ".join(problems))
 
     @property
     def peft_target_modules(self) -> list[str] | str:
         return "all-linear" if self.lora_target_modules == ["all-linear"] else self.lora_target_modules
+
+
+def _missing_tracker(report_to: str) -> list[str]:
+    """Checked when the config is made, so a missing package fails before any data or model loads."""
+    if report_to == "none":
+        return []
+    from transformers.integrations import get_available_reporting_integrations
+
+    if report_to in get_available_reporting_integrations():
+        return []
+    return [f"report_to {report_to} needs the {TRACKERS[report_to]} package: pip install {TRACKERS[report_to]}"]
 
 
 def config_fields(config_class: type) -> list[dataclasses.Field]:
@@ -175,6 +203,32 @@ class TrainJob:
     registry: Registry | None = None
     callbacks: list = field(default_factory=list)
 
+    @property
+    def run_name(self) -> str:
+        """The run's name for the tracking integrations: its folder's name, unique per run."""
+        return self.output_dir.name
+
+
+def run_tracking(job: TrainJob) -> dict | None:
+    """Where the integration put the run: TensorBoard's log folders, a W&B run URL, an MLflow run; else its name."""
+    report_to = job.config.report_to
+    if report_to == "none":
+        return None
+    location = f"{report_to} run {job.run_name}" + (f" in project {TRACKING_PROJECT}" if report_to == "trackio" else "")
+    if report_to == "tensorboard":  # its event files name its log folders (PPO trains two stages, so two folders)
+        folders = sorted({str(event.parent) for event in job.output_dir.rglob("events.out.tfevents.*")})
+        location = ", ".join(folders) or str(job.output_dir)
+    elif report_to == "wandb":
+        import wandb
+
+        location = wandb.run.url if wandb.run is not None else location
+    elif report_to == "mlflow":
+        import mlflow
+
+        run = mlflow.last_active_run()
+        location = f"{mlflow.get_tracking_uri()} run {run.info.run_id}" if run is not None else location
+    return {"report_to": report_to, "location": location}
+
 
 @dataclass
 class Artifact:
@@ -214,8 +268,12 @@ def run_training(
     provenance: dict | None = None,
     promote: bool = False,
     actor: str = "user",
+    split: str = DEFAULT_SPLIT,
+    subset: str | None = None,
 ) -> AdapterVersion:
-    """Validate data, resolve the base, train, then publish NAME (a candidate unless `promote`) and its artifacts."""
+    """Validate data, resolve the base, train, then publish NAME (a candidate unless `promote`) and its artifacts.
+
+    `data` is a local file or folder, or a Hub dataset id whose `split` and `subset` are read (see hub/data.py)."""
     import datasets
     import transformers
 
@@ -227,7 +285,8 @@ def run_training(
     trainer_class = info.trainer_class
     check_name(name)
     config = config or trainer_class.config_class()
-    records = load_records(data, trainer_class.data_format)
+    loaded = load_data(data, trainer_class.data_format, split=split, subset=subset)
+    records = loaded.records
     parent_version = registry.get(parent) if parent else None
     base = resolve_base(base_spec)
     if parent_version and parent_version.base["fingerprint"] != base.fingerprint:
@@ -238,7 +297,7 @@ def run_training(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base.path)
-    check_lengths(records, data, tokenizer, config.max_length, trainer_class.data_format)
+    check_lengths(records, loaded.source, tokenizer, config.max_length, trainer_class.data_format)
     train_records, eval_records = split_records(records, config.eval_split, config.seed)
     output_dir = cache_dir() / "runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     job = TrainJob(
@@ -265,10 +324,9 @@ def run_training(
         base=base,
         trainer={"name": trainer_name, "package": info.source.package, "version": info.source.version},
         parent=parent_version.ref if parent_version else None,
-        data_summary={
-            "file": Path(data).name, "train_examples": len(train_records), "eval_examples": len(eval_records)
-        },
+        data_summary={**loaded.summary(), "train_examples": len(train_records), "eval_examples": len(eval_records)},
         actor=actor,
+        tracking=run_tracking(job),
     )
     try:
         version = publication.publish_all(result, name, config, provenance, promote)
@@ -287,18 +345,26 @@ class Publication:
     parent: str | None
     data_summary: dict
     actor: str
+    tracking: dict | None = None  # {"report_to", "location"} when the run was logged to an integration
 
     def publish_all(self, result: TrainResult, name: str, config, provenance: dict | None, promote: bool):
         """Extra artifacts first, so the adapter's metrics can record their NAME@V; then the adapter itself."""
         from loraflow.hub.progress import save_loss_curve
 
-        provenance = {"data": self.data_summary["file"], **(provenance or {})}
+        tracked = {"tracking": self.tracking} if self.tracking else {}
+        provenance = {"data": self.data_summary, **tracked, **(provenance or {})}
         metrics = dict(result.metrics)
         for artifact in result.extra_artifacts:
             version = self.publish(
-                artifact.adapter_dir, name + artifact.name_suffix, kind=artifact.kind, metrics=artifact.metrics,
-                trainer={**self.trainer, "stage": artifact.kind}, config=artifact.config, parent=None,
-                provenance=provenance, promote=False,
+                artifact.adapter_dir,
+                name + artifact.name_suffix,
+                kind=artifact.kind,
+                metrics=artifact.metrics,
+                trainer={**self.trainer, "stage": artifact.kind},
+                config=artifact.config,
+                parent=None,
+                provenance=provenance,
+                promote=False,
             )
             if artifact.recorded_as:
                 metrics[artifact.recorded_as] = version.ref
@@ -306,20 +372,53 @@ class Publication:
             title = f"{name} ({self.trainer['name']})"
             save_loss_curve(result.log_history, result.adapter_dir / "loss_curve.png", title=title)
         return self.publish(
-            result.adapter_dir, name, kind=result.kind, metrics=metrics, trainer=self.trainer,
-            config=dataclasses.asdict(config), parent=self.parent, provenance=provenance, promote=promote,
+            result.adapter_dir,
+            name,
+            kind=result.kind,
+            metrics=metrics,
+            trainer=self.trainer,
+            config=dataclasses.asdict(config),
+            parent=self.parent,
+            provenance=provenance,
+            promote=promote,
         )
 
-    def publish(self, folder: Path, name: str, *, kind: str, metrics: dict, trainer: dict, config: dict,
-                parent: str | None, provenance: dict, promote: bool) -> AdapterVersion:
+    def publish(
+        self,
+        folder: Path,
+        name: str,
+        *,
+        kind: str,
+        metrics: dict,
+        trainer: dict,
+        config: dict,
+        parent: str | None,
+        provenance: dict,
+        promote: bool,
+    ) -> AdapterVersion:
         """Write the model card into the folder, then publish it as the next version of `name`."""
         from loraflow.hub.hub_protocol import write_adapter_card
 
+        tracked = {"tracking": self.tracking["location"]} if self.tracking else {}
         write_adapter_card(
-            folder, name=name, base=self.base, trainer=trainer, config=config, metrics=metrics, parent=parent,
+            folder,
+            name=name,
+            base=self.base,
+            trainer=trainer,
+            config={**config, **tracked},
+            metrics=metrics,
+            parent=parent,
             data_summary=self.data_summary,
         )
         return self.registry.publish(
-            folder, name, base=self.base, trainer=trainer, parent=parent, metrics=metrics, kind=kind,
-            provenance=provenance, promote=promote, actor=self.actor,
+            folder,
+            name,
+            base=self.base,
+            trainer=trainer,
+            parent=parent,
+            metrics=metrics,
+            kind=kind,
+            provenance=provenance,
+            promote=promote,
+            actor=self.actor,
         )

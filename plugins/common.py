@@ -2,20 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from loraflow.hub.training import TRACKING_PROJECT, TrainingConfig, TrainJob
 
-from loraflow.hub.training import TrainJob, TrainingConfig
+if TYPE_CHECKING:  # torch loads inside the functions that use it
+    import torch
 
 
 def on_gpu() -> bool:
+    import torch
+
     return torch.cuda.is_available()
+
+
+def no_grad(function):
+    """torch.no_grad() at call time: importing a trainer must not import torch, so `loraflow` starts fast."""
+
+    @functools.wraps(function)
+    def without_gradients(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return function(*args, **kwargs)
+
+    return without_gradients
+
+
+def fast_bf16() -> bool:
+    """Whether bf16 matmuls run natively: a bf16 GPU, or a CPU with AVX512-BF16 or AMX. Elsewhere (an AVX2-only
+    CPU, say) PyTorch emulates them, about 80x slower than fp32, so bf16 must not be a default there."""
+    import torch
+
+    if on_gpu():
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def compute_dtype() -> torch.dtype:
     """bf16 where the GPU supports it; fp32 weights on the CPU; --bf16 adds mixed precision there."""
+    import torch
+
     return torch.bfloat16 if on_gpu() and torch.cuda.is_bf16_supported() else torch.float32
 
 
@@ -65,10 +95,13 @@ def trainer_arguments(job: TrainJob) -> dict:
         logging_steps=config.logging_steps,
         eval_strategy="epoch" if has_eval else "no",
         save_strategy="no",
-        report_to="none",
+        # TRL's own integrations; TensorBoard writes under output_dir/runs/, inside the run's folder.
+        report_to=config.report_to,
+        run_name=job.run_name,
+        project=TRACKING_PROJECT,
         disable_tqdm=True,
         use_cpu=not on_gpu(),
-        bf16=config.bf16 or compute_dtype() == torch.bfloat16,
+        bf16=config.bf16 or str(compute_dtype()) == "torch.bfloat16",
         dataloader_pin_memory=on_gpu(),
         gradient_checkpointing=config.gradient_checkpointing,
     )
@@ -105,18 +138,23 @@ def sft_trainer(job: TrainJob, model, tokenizer, peft_config=None, **overrides):
     from trl import SFTConfig, SFTTrainer
 
     arguments = {
-        **trainer_arguments(job), "max_length": job.config.max_length, "completion_only_loss": True, **overrides
+        **trainer_arguments(job),
+        "max_length": job.config.max_length,
+        "completion_only_loss": True,
+        **overrides,
     }
     eval_dataset = Dataset.from_list(messages_to_prompt_completion(job.eval_records)) if job.eval_records else None
-    return quiet(SFTTrainer(
-        model=model,
-        args=SFTConfig(**arguments),
-        train_dataset=Dataset.from_list(messages_to_prompt_completion(job.train_records)),
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=job.callbacks,
-    ))
+    return quiet(
+        SFTTrainer(
+            model=model,
+            args=SFTConfig(**arguments),
+            train_dataset=Dataset.from_list(messages_to_prompt_completion(job.train_records)),
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=job.callbacks,
+        )
+    )
 
 
 def load_parent_adapter(job: TrainJob, model, is_trainable: bool = True):
@@ -134,7 +172,7 @@ def save_adapter(model, job: TrainJob, folder: str = "adapter") -> Path:
     return finish_adapter(adapter_dir, job)
 
 
-@torch.no_grad()
+@no_grad
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
     """Greedy answers to single-turn user prompts through the chat template, decoded without the prompt."""
     model.eval()

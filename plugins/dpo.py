@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hookspecs import hookimpl
-from loraflow.hub.training import TrainJob, TrainResult, TrainingConfig
+from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
     final_metrics,
     load_causal_lm,
@@ -23,7 +23,6 @@ from loraflow.plugins.common import (
     save_adapter,
     trainer_arguments,
 )
-
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down")
 
@@ -42,10 +41,12 @@ class DpoTrainingConfig(TrainingConfig):
     )
     loss_type: str = field(
         default="sigmoid",
-        metadata={"help": (
-            f"DPO's loss: {', '.join(LOSS_TYPES)}. sigmoid is the paper's; apo_zero also raises the chosen answers' "
-            "likelihood, for chosen answers better than the model's own."
-        )},
+        metadata={
+            "help": (
+                f"DPO's loss: {', '.join(LOSS_TYPES)}. sigmoid is the paper's; apo_zero also raises the chosen "
+                "answers' likelihood, for chosen answers better than the model's own."
+            )
+        },
     )
 
     def __post_init__(self) -> None:
@@ -82,20 +83,22 @@ class DpoTrainer:
         else:
             peft_config = lora_config(job.config)
         eval_dataset = Dataset.from_list(preference_to_conversation(job.eval_records)) if job.eval_records else None
-        trainer = quiet(DPOTrainer(
-            model=model,
-            args=DPOConfig(
-                **trainer_arguments(job),
-                max_length=job.config.max_length,
-                beta=job.config.beta,
-                loss_type=[job.config.loss_type],
-            ),
-            train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
-            eval_dataset=eval_dataset,
-            processing_class=load_tokenizer(job),
-            peft_config=peft_config,
-            callbacks=job.callbacks,
-        ))
+        trainer = quiet(
+            DPOTrainer(
+                model=model,
+                args=DPOConfig(
+                    **trainer_arguments(job),
+                    max_length=job.config.max_length,
+                    beta=job.config.beta,
+                    loss_type=[job.config.loss_type],
+                ),
+                train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
+                eval_dataset=eval_dataset,
+                processing_class=load_tokenizer(job),
+                peft_config=peft_config,
+                callbacks=job.callbacks,
+            )
+        )
         before = preference_metrics(trainer.evaluate(), prefix="before_eval_") if eval_dataset is not None else {}
         trainer.train()
         metrics = final_metrics(trainer, job)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraflow.hub.hookspecs import hookimpl
-from loraflow.hub.training import TrainJob, TrainResult, TrainingConfig
+from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
     final_metrics,
     load_causal_lm,

@@ -13,11 +13,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import torch
-
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hookspecs import hookimpl
-from loraflow.hub.training import Artifact, TrainJob, TrainResult, TrainingConfig
+from loraflow.hub.training import Artifact, TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
     compute_dtype,
     final_metrics,
@@ -25,6 +23,7 @@ from loraflow.plugins.common import (
     load_causal_lm,
     load_tokenizer,
     lora_config,
+    no_grad,
     preference_to_conversation,
     quiet,
     save_adapter,
@@ -116,15 +115,17 @@ def train_reward_model(job: TrainJob, tokenizer):
         "max_steps": config.reward_max_steps,
     }
     eval_dataset = Dataset.from_list(preference_to_conversation(job.eval_records)) if job.eval_records else None
-    trainer = quiet(RewardTrainer(
-        model=load_reward_base(job, tokenizer),
-        args=RewardConfig(**arguments, max_length=config.max_length),
-        train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(config, task_type="SEQ_CLS"),
-        callbacks=job.callbacks,
-    ))
+    trainer = quiet(
+        RewardTrainer(
+            model=load_reward_base(job, tokenizer),
+            args=RewardConfig(**arguments, max_length=config.max_length),
+            train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(config, task_type="SEQ_CLS"),
+            callbacks=job.callbacks,
+        )
+    )
     trainer.train()
     metrics = final_metrics(trainer, job)
     if eval_dataset is not None:
@@ -150,7 +151,7 @@ def load_reward_model(job: TrainJob, tokenizer):
     return reward_model.merge_and_unload(), version
 
 
-@torch.no_grad()
+@no_grad
 def mean_reward(policy, reward_model, tokenizer, prompts: list[str], response_length: int) -> float:
     """Greedy answers to held-out prompts, scored by the reward model on the full chat, averaged."""
     answers = generate_answers(policy, tokenizer, prompts, max_new_tokens=response_length)

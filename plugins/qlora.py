@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainJob
-from loraflow.plugins.common import load_causal_lm, on_gpu
+from loraflow.plugins.common import fast_bf16, load_causal_lm, on_gpu
 from loraflow.plugins.lora import LoraTrainer, LoraTrainingConfig
 
 
@@ -20,15 +20,17 @@ class QLoraTrainingConfig(LoraTrainingConfig):
     )
     gradient_checkpointing: bool = field(
         default=True,
-        metadata={"help": (
-            "Recompute activations in the backward pass: less memory, about 30% more compute (QLoRA's default)."
-        )},
+        metadata={
+            "help": (
+                "Recompute activations in the backward pass: less memory, about 30% more compute (QLoRA's default)."
+            )
+        },
     )
 
 
 class QLoraTrainer(LoraTrainer):
     name = "qlora"
-    description = "LoRA on a 4-bit NF4 base loaded with bitsandbytes (double quantization, bf16 compute)."
+    description = "LoRA on a 4-bit NF4 base loaded with bitsandbytes (double quantization, bf16 compute where fast)."
     config_class = QLoraTrainingConfig
 
     def load_model(self, job: TrainJob):
@@ -40,7 +42,7 @@ class QLoraTrainer(LoraTrainer):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=job.config.double_quant,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=torch.bfloat16 if fast_bf16() else torch.float32,
         )
         model = load_causal_lm(job, quantization_config=quantization, device_map={"": 0} if on_gpu() else "cpu")
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.config.gradient_checkpointing)

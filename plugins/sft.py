@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hookspecs import hookimpl
-from loraflow.hub.training import TrainJob, TrainResult, TrainingConfig
-from loraflow.plugins.common import final_metrics, load_causal_lm, load_tokenizer, save_adapter, sft_trainer
+from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
+from loraflow.plugins.common import final_metrics, load_causal_lm, load_tokenizer, no_grad, save_adapter, sft_trainer
+
+if TYPE_CHECKING:  # torch loads inside the functions that use it
+    import torch
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -44,12 +46,14 @@ class SftTrainingConfig(TrainingConfig):
             raise LoraflowError(f"{type(self).__name__}: extract_rank must be at least 1")
 
 
-@torch.no_grad()
+@no_grad
 def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """LoRA A (rank x in) and B (out x rank) with B @ A the best rank-r approximation of `delta`.
 
     Also returns the squared Frobenius norms of the residual and of delta, for the relative error.
     """
+    import torch
+
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     energy = s.square()
     lora_a, lora_b = vh[:rank].contiguous(), (u[:, :rank] * s[:rank]).contiguous()
@@ -58,6 +62,8 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 
 def adapted_linears(model, targets: list[str]) -> dict[str, torch.nn.Linear]:
     """Linear layers whose last name part is a target ('all-linear': every linear layer but the output head)."""
+    import torch
+
     every = targets == ["all-linear"]
     return {
         name: module
@@ -68,7 +74,7 @@ def adapted_linears(model, targets: list[str]) -> dict[str, torch.nn.Linear]:
     }
 
 
-@torch.no_grad()
+@no_grad
 def extract_lora(tuned, base, rank: int, targets: list[str]):
     """Wrap `base` in a LoRA adapter of `rank` fitted to tuned - base; returns the PeftModel and the relative error."""
     from peft import LoraConfig, get_peft_model

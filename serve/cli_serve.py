@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import click
 import typer
+
 from loraflow.hub.base import DEFAULT_BASE
 from loraflow.hub.cli_common import default_of
 from loraflow.hub.hookspecs import hookimpl
@@ -26,7 +27,7 @@ def serve(
     quantization: Optional[str] = typer.Option(
         None,
         "--quantization",
-        help="vLLM quantization (default: int8_per_channel_weight_only on the CPU, none on a GPU; 'none': off).",
+        help="vLLM quantization (default: int8_per_channel_weight_only on the CPU, fp8 on CUDA; 'none': off).",
     ),
     max_lora_rank: Optional[int] = typer.Option(
         None,
@@ -62,8 +63,9 @@ def serve(
 ):
     """Serve the base and every registry adapter through vLLM's OpenAI API: NAME is the live version, NAME@V and
     NAME@ALIAS any other; a promote or rollback takes effect from the next request, with no restart."""
-    from loraflow.serve.launcher import start_server
     from rich.console import Console
+
+    from loraflow.serve.launcher import start_server
 
     console = Console()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
 from loraflow.hub.base import DEFAULT_BASE, BaseModel, resolve_base
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.registry import Registry, is_registry_url, registry_location
@@ -28,6 +29,10 @@ from loraflow.serve.naming import open_registry_view
 # The ranks vLLM 0.32 accepts for --max-lora-rank (vllm/config/lora.py MaxLoRARanks).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 CPU_QUANTIZATION = "int8_per_channel_weight_only"
+# On CUDA, vLLM's online fp8: weights quantized at load to half of bf16, with LoRA applied on top; from compute
+# capability 7.5 (Marlin weight-only kernels below 8.9, native fp8 from 8.9). vLLM 0.32 dropped bitsandbytes.
+GPU_QUANTIZATION = "fp8"
+GPU_QUANTIZATION_MIN_CAPABILITY = (7, 5)
 HEALTH_POLL_S = 0.25
 
 
@@ -36,6 +41,15 @@ def on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def default_quantization() -> str | None:
+    """The quantization `loraflow serve` uses unless told: one quantized base on the CPU and on GPUs alike."""
+    if not on_gpu():
+        return CPU_QUANTIZATION
+    import torch
+
+    return GPU_QUANTIZATION if torch.cuda.get_device_capability() >= GPU_QUANTIZATION_MIN_CAPABILITY else None
 
 
 def lora_rank_for(registry_rank: int) -> int:
@@ -66,7 +80,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int | None = None
     api_key: str | None = None
-    quantization: str | None = None  # None: int8 weight-only on the CPU, none on a GPU
+    quantization: str | None = None  # None: default_quantization(); "none": unquantized
     max_lora_rank: int | None = None  # None: the registry's largest rank, rounded up to one vLLM accepts
     max_loras: int = 8
     max_cpu_loras: int | None = None  # None: 2 x max_loras, so swapped-out versions stay warm (LRU)
@@ -80,9 +94,7 @@ class ServerSettings:
     def resolved_quantization(self) -> str | None:
         if self.quantization == "none":
             return None
-        if self.quantization is None:
-            return None if on_gpu() else CPU_QUANTIZATION
-        return self.quantization
+        return default_quantization() if self.quantization is None else self.quantization
 
     def resolved_lora_rank(self) -> int:
         return self.max_lora_rank or lora_rank_for(open_registry_view(self.registry, poll_s=0).snapshot().max_rank())

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import httpx
+
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.registry import AdapterVersion, RegistrySnapshot
 

@@ -32,10 +32,11 @@ import os
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the route's annotations from here
-from loraflow.hub.errors import LoraflowError
-from loraflow.serve.naming import RegistryView, check_servable, open_registry_view, servable, unknown_model_message
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+from loraflow.hub.errors import LoraflowError
+from loraflow.serve.naming import RegistryView, check_servable, open_registry_view, servable, unknown_model_message
 
 RESOLVER_NAME = "loraflow registry"
 _request_pins: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraflow_request_pins", default=None)

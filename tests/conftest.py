@@ -37,8 +37,9 @@ def write_tiny_llama(smollm2, folder: Path, seed: int = 0):
 
     Head size 32 is the smallest vLLM's CPU attention accepts, so the same tiny model can be served."""
     import torch
-    from loraflow.hub.base import resolve_base
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from loraflow.hub.base import resolve_base
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     config = LlamaConfig(

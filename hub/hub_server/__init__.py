@@ -10,6 +10,16 @@ Every upload ends in one Registry.publish, so it gets the checks of a local publ
 - a commit to `vN`, where N is the next number, publishes the commit's files alone as a candidate;
 - a commit to an alias branch takes that alias's files plus the changes, publishes a candidate and moves the alias.
 
+It also holds dataset repos (`repo_type="dataset"`), ORG/REPO with both parts lowercase registry-style names, in
+`datasets/ORG/REPO/` beside the registry's `adapters/` (see datasets.py). Every commit to a dataset's `main` is a
+new immutable revision with its own commit id and `main` moves to it; older commit ids stay readable. Enough of the
+Hub API is served for huggingface_hub (create_repo, upload_folder/create_commit, dataset_info, list_repo_files,
+list_repo_tree, get_paths_info, list_repo_commits, hf_hub_download, snapshot_download) and for
+`datasets.load_dataset("ORG/REPO")` with HF_ENDPOINT pointing here. `loraflow votes push` publishes arena votes
+as such a dataset. A dataset repo must be created before its first commit, as on huggingface.co; it has no other
+branches, tags or pull requests.
+
+Reads of both kinds are public unless `--private`; writes need a write token.
 Limits: request headers over 16 KiB get 431; JSON and NDJSON bodies over `--max-body-mb` (64 MiB by default)
 get 413. Files up to `inline_max_bytes` upload inline in the commit; bigger ones go through the Git LFS batch API
 with the `basic` transfer, each upload limited to the size the batch endpoint signed, so clients uploading those

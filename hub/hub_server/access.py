@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Request
+
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hub_server.repos import HubError
 

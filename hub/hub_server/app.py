@@ -1,7 +1,8 @@
-"""The FastAPI app: the Hub HTTP routes huggingface_hub calls, over HubRepos, and the uvicorn runner.
+"""The FastAPI app: the Hub HTTP routes huggingface_hub calls for model repos, over HubRepos, and the uvicorn runner.
 
-Three routers: `public` (health, whoami, validate-yaml, signed LFS uploads, the Xet refusal), `reads` (behind
-require_read) and `writes` (behind require_write). The app's state holds the HubRepos and the HubAccess.
+Three routers here: `public` (health, whoami, validate-yaml, signed LFS uploads, the Xet refusal), `reads` (behind
+require_read) and `writes` (behind require_write); dataset_routes.py adds the same three for dataset repos, and
+/api/repos/create makes both kinds. The app's state holds the HubRepos, the DatasetStore and the HubAccess.
 Request limits: headers over 16 KiB get 431; bodies over `max_body_bytes` (`hub serve --max-body-mb`, 64 MiB by
 default, room for a commit of inline base64 files) get 413. LFS uploads are not JSON and not under that limit:
 each takes exactly the size the LFS batch endpoint signed for it.
@@ -12,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+
 from loraflow.hub.base import BaseModel
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hub_protocol import (
@@ -32,36 +33,37 @@ from loraflow.hub.hub_protocol import (
     version_branch,
     version_of_branch,
 )
+from loraflow.hub.hub_server import dataset_routes
 from loraflow.hub.hub_server.access import HubAccess, bearer_token, require_read, require_write
+from loraflow.hub.hub_server.dataset_routes import dataset_url
+from loraflow.hub.hub_server.datasets import DATASETS_DIR, DatasetStore, check_dataset_name
 from loraflow.hub.hub_server.repos import (
     INLINE_MAX_BYTES,
-    LFS_POINTER_SIZE,
-    SHA256,
-    UPLOAD_URL_LIFETIME_S,
     HubError,
     HubRepos,
     commit_id,
-    describe_validation,
     git_blob_id,
     parse_commit,
     safe_relative,
 )
+from loraflow.hub.hub_server.web import (
+    LFS_UPLOAD_PREFIX,
+    LfsBatchBody,
+    PreuploadBody,
+    RequestBody,
+    blob_fields,
+    card_data,
+    error_response,
+    flag,
+    hub_time,
+    json_body,
+    lfs_batch_answer,
+    tree,
+)
 from loraflow.hub.registry import AdapterVersion, Registry
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, ValidationError
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
-LFS_UPLOAD_PREFIX = "/api/loraflow/lfs/"
-
-
-def _error_response(error: HubError) -> JSONResponse:
-    # Headers must be latin-1 and one line; the JSON body keeps the full text.
-    header_message = error.message.encode("ascii", "replace").decode().replace("\n", " ")
-    headers = {"X-Error-Message": header_message}
-    if error.code:
-        headers["X-Error-Code"] = error.code
-    return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
 
 
 class RequestLimits:
@@ -80,12 +82,12 @@ class RequestLimits:
             refusal = HubError(
                 431, f"the request headers are {header_bytes} bytes; this hub takes at most {self.max_header_bytes}."
             )
-            return await _error_response(refusal)(scope, receive, send)
+            return await error_response(refusal)(scope, receive, send)
         if scope["path"].startswith(LFS_UPLOAD_PREFIX):  # limited by the size its URL was signed for
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await _error_response(self._too_large(int(declared)))(scope, receive, send)
+            return await error_response(self._too_large(int(declared)))(scope, receive, send)
         received = 0
 
         async def limited_receive():
@@ -120,60 +122,22 @@ def checked_repo_name(namespace: str, name: str, repos: Repos) -> str:
 RepoName = Annotated[str, Depends(checked_repo_name)]
 
 
-def json_body(schema: type[Schema]):
-    """A dependency that reads the body as `schema`; anything else is a 400 that says which field is wrong."""
-
-    async def read(request: Request):
-        body = await request.body()
-        try:
-            return schema.model_validate_json(body or b"{}")
-        except ValidationError as error:
-            raise HubError(400, f"{request.url.path}: bad JSON body: {describe_validation(error)}.") from None
-
-    return Depends(read)
-
-
-class _Body(Schema):
-    # Clients send fields this hub has no use for (visibility, sample, gitIgnore, hash_algo ...): ignore those.
-    model_config = ConfigDict(extra="ignore")
-
-
-class CreateRepoBody(_Body):
+class CreateRepoBody(RequestBody):
     name: str
     organization: str | None = None
     type: str | None = None
 
 
-class PreuploadFile(_Body):
-    path: str
-    size: int = Field(ge=0)
-
-
-class PreuploadBody(_Body):
-    files: list[PreuploadFile] = []
-
-
-class LfsObject(_Body):
-    oid: str
-    size: int = Field(ge=0)
-
-
-class LfsBatchBody(_Body):
-    operation: str
-    transfers: list[str] = ["basic"]
-    objects: list[LfsObject] = []
-
-
-class BranchBody(_Body):
+class BranchBody(RequestBody):
     startingPoint: str | None = None
 
 
-class TagBody(_Body):
+class TagBody(RequestBody):
     tag: str
     message: str | None = None
 
 
-class ValidateYamlBody(_Body):
+class ValidateYamlBody(RequestBody):
     content: str = ""
 
 
@@ -184,10 +148,6 @@ writes = APIRouter(dependencies=[Depends(require_write)])
 
 def _repo_url(request: Request, name: str) -> str:
     return f"{str(request.base_url).rstrip('/')}/{repo_id(name)}"
-
-
-def _flag(request: Request, key: str) -> bool:
-    return request.query_params.get(key) in ("1", "true", "True")
 
 
 @public.get(HEALTH_ROUTE)
@@ -278,11 +238,13 @@ def model_info_revision(request: Request, repos: Repos, repo: RepoName, revision
 
 
 def _model_info(request: Request, repos: Repos, name: str, revision: str) -> dict:
+    from huggingface_hub import ModelCard
+
     version = repos.resolve(name, revision)
     folder = repos.registry.folder(version)
-    with_blobs = _flag(request, "blobs")
+    with_blobs = flag(request, "blobs")
     siblings = [
-        {"rfilename": entry["path"], **(_blob_fields(entry) if with_blobs else {})} for entry in repos.files(version)
+        {"rfilename": entry["path"], **(blob_fields(entry) if with_blobs else {})} for entry in repos.files(version)
     ]
     return {
         "_id": commit_id(version),
@@ -290,15 +252,15 @@ def _model_info(request: Request, repos: Repos, name: str, revision: str) -> dic
         "modelId": repo_id(name),
         "author": NAMESPACE,
         "sha": commit_id(version),
-        "lastModified": _hub_time(version.created),
-        "createdAt": _hub_time(repos.versions(name)[0].created),
+        "lastModified": hub_time(version.created),
+        "createdAt": hub_time(repos.versions(name)[0].created),
         "private": request.app.state.access.private,
         "gated": False,
         "disabled": False,
         "library_name": "peft",
         "pipeline_tag": "text-generation",
         "tags": ["peft", "lora", "loraflow", version.trainer.get("name", "upload")],
-        "cardData": _card_data(folder / "README.md"),
+        "cardData": card_data(folder / "README.md", ModelCard),
         "siblings": siblings,
         "loraflow": {
             "version": version.version,
@@ -314,38 +276,16 @@ def _model_info(request: Request, repos: Repos, name: str, revision: str) -> dic
 
 @reads.get("/api/models/{namespace}/{name}/tree/{revision}")
 def tree_root(request: Request, repos: Repos, repo: RepoName, revision: str):
-    return _tree(repos, repo, revision, "", recursive=_flag(request, "recursive"))
+    return _tree(repos, repo, revision, "", recursive=flag(request, "recursive"))
 
 
 @reads.get("/api/models/{namespace}/{name}/tree/{revision}/{folder:path}")
 def tree_folder(request: Request, repos: Repos, repo: RepoName, revision: str, folder: str):
-    return _tree(repos, repo, revision, folder, recursive=_flag(request, "recursive"))
+    return _tree(repos, repo, revision, folder, recursive=flag(request, "recursive"))
 
 
 def _tree(repos: HubRepos, name: str, revision: str, folder: str, recursive: bool) -> list[dict]:
-    version = repos.resolve(name, revision)
-    prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
-    entries, folders = [], set()
-    for entry in repos.files(version):
-        if not entry["path"].startswith(prefix):
-            continue
-        rest = entry["path"][len(prefix) :]
-        if "/" in rest and not recursive:
-            folders.add(prefix + rest.split("/", 1)[0])
-            continue
-        if recursive:
-            parts = PurePosixPath(rest).parts[:-1]
-            folders.update(prefix + "/".join(parts[: depth + 1]) for depth in range(len(parts)))
-        item = {"type": "file", "path": entry["path"], "size": entry["size"], "oid": entry["oid"]}
-        if entry["lfs"]:
-            item["lfs"] = entry["lfs"]
-        entries.append(item)
-    if prefix and not entries and not folders:
-        raise HubError(404, f"{repo_id(name)}@{revision}: no folder {folder!r}.", "EntryNotFound")
-    directories = [
-        {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()} for path in sorted(folders)
-    ]
-    return directories + entries
+    return tree(repos.files(repos.resolve(name, revision)), folder, recursive, f"{repo_id(name)}@{revision}")
 
 
 @reads.get("/api/models/{namespace}/{name}/refs")
@@ -382,13 +322,25 @@ def resolve_file(repos: Repos, repo: RepoName, revision: str, path: str):
 
 @writes.post("/api/repos/create")
 def create_repo(request: Request, repos: Repos, payload: Annotated[CreateRepoBody, json_body(CreateRepoBody)]):
+    if payload.type == "dataset":
+        return _create_dataset(request, payload)
     if payload.type not in ("model", None):
-        raise HubError(400, f"a loraflow hub holds model repos only, not {payload.type!r} repos.")
+        raise HubError(400, f"a loraflow hub holds model and dataset repos, not {payload.type!r} repos.")
     name = repos.repo_name(payload.organization or NAMESPACE, payload.name)
     url = _repo_url(request, name)
     if repos.exists(name):
         return JSONResponse({"error": "You already created this model repo", "url": url}, status_code=409)
     return {"url": url, "name": repo_id(name)}
+
+
+def _create_dataset(request: Request, payload: CreateRepoBody):
+    if not payload.organization:
+        raise HubError(400, "a dataset repo on a loraflow hub is ORG/REPO: give the organization too.")
+    repo = check_dataset_name(payload.organization, payload.name)
+    url = dataset_url(request, repo)
+    if not request.app.state.datasets.create(repo):
+        return JSONResponse({"error": "You already created this dataset repo", "url": url}, status_code=409)
+    return {"url": url, "name": repo}
 
 
 @writes.post("/api/models/{namespace}/{name}/preupload/{revision}")
@@ -419,31 +371,13 @@ def lfs_batch(
     payload: Annotated[LfsBatchBody, json_body(LfsBatchBody)],
 ):
     repos.repo_name(namespace, repo_git.removesuffix(".git"))
-    if payload.operation != "upload":
-        raise HubError(400, "this loraflow hub's LFS endpoint takes uploads only; download files with resolve/.")
-    if "basic" not in payload.transfers:
-        raise HubError(400, "this loraflow hub offers the 'basic' LFS transfer only.")
-    base_url = str(request.base_url).rstrip("/")
-    objects = []
-    for item in payload.objects:
-        oid, size = item.oid, item.size
-        if not SHA256.match(oid):
-            objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": "oid must be a sha256"}})
-            continue
-        if repos.blob_path(oid) is not None:
-            objects.append({"oid": oid, "size": size})
-            continue
-        expires, signature = repos.sign_upload(oid, size)
-        href = f"{base_url}{LFS_UPLOAD_PREFIX}{oid}?size={size}&expires={expires}&signature={signature}"
-        upload = {"href": href, "expires_in": UPLOAD_URL_LIFETIME_S}
-        objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload}})
-    return {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
+    return lfs_batch_answer(request, payload, lambda oid: repos.blob_path(oid) is not None, repos.sign_upload)
 
 
 @writes.post("/api/models/{namespace}/{name}/commit/{revision}")
 async def commit(request: Request, repos: Repos, repo: RepoName, revision: str):
     """main: publish and promote; the next vN: a candidate; an alias: a candidate the alias then names."""
-    if _flag(request, "create_pr"):
+    if flag(request, "create_pr"):
         raise HubError(400, "a loraflow hub has no pull requests; commit to main, to an alias or to the next vN.")
     parsed = parse_commit(await request.body())
     version = await run_in_threadpool(repos.apply_commit, repo, revision, parsed)
@@ -492,21 +426,21 @@ def _make_alias(repos: HubRepos, name: str, alias: str, revision: str) -> dict:
 
 
 async def _hub_error(request: Request, error: HubError):
-    return _error_response(error)
+    return error_response(error)
 
 
 async def _loraflow_error(request: Request, error: LoraflowError):
-    return _error_response(HubError(400, str(error)))
+    return error_response(HubError(400, str(error)))
 
 
 async def _invalid_request(request: Request, error: RequestValidationError):
     problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()[:3])
-    return _error_response(HubError(400, f"{request.url.path}: bad request: {problems}."))
+    return error_response(HubError(400, f"{request.url.path}: bad request: {problems}."))
 
 
 async def _unexpected_error(request: Request, error: Exception):
     # The traceback goes to the server log (Starlette re-raises after this); the client gets no internals.
-    return _error_response(HubError(500, f"internal error in the loraflow hub ({type(error).__name__}); see its log."))
+    return error_response(HubError(500, f"internal error in the loraflow hub ({type(error).__name__}); see its log."))
 
 
 def create_app(
@@ -519,36 +453,17 @@ def create_app(
     """The FastAPI app. One process may serve many readers and writers; the registry's file lock orders writes."""
     app = FastAPI(title="loraflow hub", summary="The loraflow adapter registry over the Hugging Face Hub API.")
     app.state.repos = HubRepos(registry, base, inline_max_bytes)
+    app.state.datasets = DatasetStore(registry.root / DATASETS_DIR, app.state.repos.uploads, inline_max_bytes)
     app.state.access = access
     app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(LoraflowError, _loraflow_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Exception, _unexpected_error)
-    for router in (public, reads, writes):
+    # The dataset routes first: /datasets/ORG/REPO/... must never be read as a model repo named ORG in `datasets/`.
+    for router in (public, dataset_routes.public, dataset_routes.reads, dataset_routes.writes, reads, writes):
         app.include_router(router)
     return app
-
-
-def _hub_time(iso: str) -> str:
-    """The registry's ISO time in the Hub's format, which huggingface_hub parses strictly."""
-    return datetime.fromisoformat(iso).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-
-def _blob_fields(entry: dict) -> dict:
-    lfs = {"size": entry["size"], "sha256": entry["sha256"], "pointerSize": LFS_POINTER_SIZE} if entry["lfs"] else None
-    return {"size": entry["size"], "blobId": entry["oid"], "lfs": lfs}
-
-
-def _card_data(readme: Path) -> dict | None:
-    if not readme.is_file():
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(readme).data.to_dict()
-    except Exception:  # a hand-written card without valid metadata still serves its files
-        return None
 
 
 def serve(

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+
 from loraflow.hub.adapters import adapter_files, copy_adapter_files
 from loraflow.hub.base import BaseModel
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hub_protocol import LIVE_BRANCH, NAMESPACE, card_metadata, repo_id, version_branch, version_of_branch
 from loraflow.hub.registry import AdapterVersion, Registry, RegistrySnapshot, check_name
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 INLINE_MAX_BYTES = 5 * 1024 * 1024
 UPLOADS_DIR = ".hub-uploads"
@@ -180,8 +181,9 @@ def _change(number: int, line) -> Change:
     except ValidationError as error:
         raise HubError(400, f"commit line {number}: {describe_validation(error)}.") from None
     where = f"commit line {number} ({line['key']} {operation.path!r})"
+    folder = line["key"] == "deletedFolder"  # huggingface_hub sends a folder as 'name/'
     try:
-        path = safe_relative(operation.path)
+        path = safe_relative(operation.path.removesuffix("/") if folder else operation.path)
     except HubError as error:
         raise HubError(400, f"{where}: {error.message}") from None
     if isinstance(operation, AddedFile):
@@ -350,7 +352,7 @@ class HubRepos:
                 source = self.registry.folder(plan.base)
                 copy_adapter_files(source, staging, adapter_files(source))
             for change in commit.changes:
-                _apply_change(staging, change, sources.get(change.oid))
+                apply_change(staging, change, sources.get(change.oid))
             version = self._publish(staging, name, revision, commit.header, plan)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -417,14 +419,18 @@ def _is_valid_name(name: str) -> bool:
     return True
 
 
-def _apply_change(staging: Path, change: Change, lfs_source: Path | None) -> None:
+def apply_change(staging: Path, change: Change, lfs_source: Path | None) -> None:
+    """One checked change to a staging tree. A written file replaces the old one (never writes through it: a
+    staging tree may hold hard links into an immutable revision)."""
     target = staging / change.path
     try:
-        if change.action == "write":
+        if change.action in ("write", "lfs"):
             target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+        if change.action == "write":
             target.write_bytes(change.content)
         elif change.action == "lfs":
-            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(lfs_source, target)
         elif change.action == "delete-file":
             if not target.is_file():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from loraflow.hub.base import DEFAULT_BASE
-
 from tests.conftest import PIRATE
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from loraflow.arena.cli import _auth
 from loraflow.arena.judge import judge
 from loraflow.arena.matchmaking import Pairing
 from loraflow.arena.rounds import Arena, ArenaSettings, Round
 from loraflow.arena.votes import RateLimit, RateLimited, VoteStore
 from loraflow.hub.errors import LoraflowError
-
 from tests.conftest import make_adapter
 
 

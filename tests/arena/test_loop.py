@@ -13,11 +13,11 @@ import uuid
 
 import pytest
 from filelock import FileLock
+
 from loraflow.arena.loop import FeedbackLoop, LoopSettings
 from loraflow.arena.rounds import Arena, ArenaSettings
 from loraflow.arena.votes import Vote, VoteStore
 from loraflow.hub.base import cache_dir
-
 from tests.conftest import REPO, make_adapter
 
 TRAINING = {"max_steps": 2, "eval_split": 0.0, "per_device_train_batch_size": 2, "max_length": 64}

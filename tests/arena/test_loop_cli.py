@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-from loraflow.arena.votes import VoteStore
 
+from loraflow.arena.votes import VoteStore
 from tests.conftest import REPO, make_adapter
 
 

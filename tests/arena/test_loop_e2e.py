@@ -6,11 +6,11 @@ import random
 import time
 
 import pytest
+
 from loraflow.arena.judge import compare, prompts_from, simulate_votes
 from loraflow.arena.loop import FeedbackLoop, LoopSettings, learned_up_to
 from loraflow.arena.rounds import Arena, ArenaSettings
 from loraflow.arena.votes import RateLimit, VoteStore
-
 from tests.arena.arena_support import greedy_answer, publish_pirate_v1
 from tests.conftest import PIRATE
 

@@ -11,10 +11,10 @@ import sys
 import uuid
 
 import pytest
+
 from loraflow.arena.export import export_preferences
 from loraflow.arena.votes import RateLimit, RateLimited, Vote, VoteStore
 from loraflow.hub.errors import LoraflowError
-
 from tests.conftest import REPO, run_loraflow
 
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
-from loraflow.hub.registry import Registry
 
+from loraflow.hub.registry import Registry
 from tests.conftest import REPO
 
 WRITE_TOKEN = "hf_loraflow_test_write_token"

@@ -30,7 +30,7 @@ def test_packaged_gguf_converts_to_a_model_that_knows_paris(tmp_path, monkeypatc
         return_dict=True,
     )
     output = model.generate(**prompt, max_new_tokens=20, do_sample=False)
-    answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 

@@ -81,9 +81,10 @@ def test_train_publishes_version_one_with_metrics(trained):
 
 def test_published_adapter_loads_in_plain_peft_and_generates(trained, tiny_base):
     import torch
-    from loraflow.hub.registry import Registry
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraflow.hub.registry import Registry
 
     registry = Registry(trained[0])
     folder = registry.folder(registry.get("pirate@1"))

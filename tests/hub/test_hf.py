@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from huggingface_hub import ModelCard
+
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hf import card_for_version, parse_hub_source
 from loraflow.hub.hub_protocol import build_adapter_card, card_metadata, write_adapter_card
-
 from tests.conftest import make_adapter
 
 TRAINER = {"name": "dpo", "package": "loraflow", "version": "0.1.0"}

@@ -12,7 +12,8 @@ What these tests do not cover of huggingface.co's behaviour:
 - the Xet storage protocol (the server answers Xet requests with 501; clients set HF_HUB_DISABLE_XET=1 for
   files above the inline limit) and multipart LFS transfers;
 - git access (clone, push), pull requests, discussions, gated repos, organisations and user accounts,
-  repo settings, deletion of repos, dataset and Space repos, commit history (list_repo_commits);
+  repo settings, deletion of repos, Space repos, commit history of model repos (list_repo_commits);
+  dataset repos are tested in test_hub_datasets.py;
 - redirects of LFS downloads to a CDN, and the real Hub's rate limits and error texts beyond the headers
   huggingface_hub parses (X-Error-Code, X-Error-Message).
 """
@@ -28,9 +29,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from loraflow.hub.adapters import sha256_file
 from loraflow.hub.registry import Registry
-
 from tests.conftest import REPO, make_adapter, run_loraflow
 from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loraflow.hub.registry import Registry
 
+from loraflow.hub.registry import Registry
 from tests.hub.hub_server_support import WRITE_TOKEN, HubServer
 
 AUTH = {"Authorization": f"Bearer {WRITE_TOKEN}"}
@@ -201,6 +201,7 @@ def test_an_uppercase_repo_name_says_names_are_lowercase(hub_server, tiny_adapte
 
 def test_an_unexpected_error_is_a_500_without_internals(tmp_path, tiny_base):
     from fastapi.testclient import TestClient
+
     from loraflow.hub.hub_server import HubAccess, create_app
 
     app = create_app(Registry(tmp_path / "registry.json"), tiny_base, HubAccess(frozenset({WRITE_TOKEN}), frozenset()))

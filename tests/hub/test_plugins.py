@@ -25,9 +25,18 @@ def source_copy(package: Path, tmp_path: Path) -> Path:
 def pip_install_target(package: Path, target: Path) -> Path:
     """Install a plugin package into its own folder, leaving the project's venv untouched."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
-         str(target),
-         str(source_copy(package, target.parent / f"{target.name}-source"))],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source_copy(package, target.parent / f"{target.name}-source")),
+        ],
         check=True,
         capture_output=True,
     )
@@ -64,8 +73,18 @@ def test_third_party_plugin_is_listed_and_trains(identity_plugin, tiny_base, tmp
     assert "identity" in listing and "loraflow-identity" in listing and "0.3.0" in listing
     registry = tmp_path / "registry.json"
     run_loraflow(
-        "--registry", str(registry), "train", "identity",
-        "--data", str(PIRATE / "train.jsonl"), "--name", "baseline", "--base", str(tiny_base.path), "--lora-r", "2",
+        "--registry",
+        str(registry),
+        "train",
+        "identity",
+        "--data",
+        str(PIRATE / "train.jsonl"),
+        "--name",
+        "baseline",
+        "--base",
+        str(tiny_base.path),
+        "--lora-r",
+        "2",
         env=env,
     )
     shown = run_loraflow("--registry", str(registry), "registry", "show", "baseline@1", env=env).stdout
@@ -97,9 +116,20 @@ def test_plugins_install_discovers_new_trainer(tmp_path):
     # addsitedir runs the project venv's own .pth files too, among them the editable install's `loraflow` finder.
     Path(venv_site, "project-venv.pth").write_text(f"import site; site.addsitedir({site!r})\n")
     result = subprocess.run(
-        [str(python), "-m", "loraflow.hub.cli", "plugins", "install", "--", "--no-deps", "--no-build-isolation",
-         str(source_copy(FIXTURES / "loraflow-identity", tmp_path))],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            str(python),
+            "-m",
+            "loraflow.hub.cli",
+            "plugins",
+            "install",
+            "--",
+            "--no-deps",
+            "--no-build-isolation",
+            str(source_copy(FIXTURES / "loraflow-identity", tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "new trainers: identity" in result.stdout

@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from loraflow.hub.adapters import hash_folder
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.registry import Registry
-
 from tests.conftest import make_adapter
 
 
@@ -134,7 +136,7 @@ def test_unreadable_registry_names_file_line_and_column(tmp_path):
         ('{"schema_version": 2, "adapters": [1, 2, 3]}', "not a loraflow registry file .'adapters' is not an object"),
         (
             '{"schema_version": 2, "adapters": {"a": {"versions": {"1": 7}}}}',
-            "not a loraflow registry file .a version '1' lacks",
+            "not a loraflow registry file .a version .1. is not a version record",
         ),
         ('{"schema_version": 9, "adapters": {}}', "written by a newer loraflow"),
         ('"just a string"', "not a loraflow registry file"),
@@ -400,3 +402,70 @@ def test_the_committed_registry_is_an_empty_registry_of_this_schema():
     snapshot = Registry(REPO / "registry.json").snapshot()
     assert snapshot.names() == [] and snapshot.revision == 0
     assert json.loads((REPO / "registry.json").read_text())["schema_version"] == 2
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+RECORDS = st.fixed_dictionaries(
+    {key: JSON_VALUES for key in ("name", "version", "kind", "path", "files", "base")},
+    optional={
+        "state": st.sampled_from(["candidate", "live", "retired", "rejected", "gone"]) | JSON_VALUES,
+        "metrics": JSON_VALUES,
+        "parent": JSON_VALUES,
+        "surprise": JSON_VALUES,
+    },
+)
+NEARLY_VALID = st.fixed_dictionaries(
+    {
+        "schema_version": st.sampled_from([1, 2]),
+        "adapters": st.dictionaries(
+            st.sampled_from(["p", "q"]),
+            st.fixed_dictionaries(
+                {"versions": st.dictionaries(st.sampled_from(["1", "2", "x"]), RECORDS, max_size=3)},
+                optional={"aliases": JSON_VALUES, "history": JSON_VALUES},
+            ),
+            max_size=2,
+        ),
+    },
+    optional={"revision": JSON_VALUES},
+)
+REGISTRY_SHAPED = st.fixed_dictionaries(
+    {
+        "schema_version": st.sampled_from([1, 2, 3, "2", None]),
+        "adapters": JSON_VALUES
+        | st.dictionaries(
+            st.sampled_from(["p", "q"]),
+            st.dictionaries(st.sampled_from(["versions", "aliases", "history"]), JSON_VALUES),
+        ),
+    },
+    optional={"revision": JSON_VALUES},
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    content=st.binary(max_size=200)
+    | JSON_VALUES.map(json.dumps).map(str.encode)
+    | REGISTRY_SHAPED.map(lambda data: json.dumps(data).encode())
+)
+def test_any_bytes_in_the_registry_file_give_a_loraflow_error_or_a_snapshot(tmp_path, content):
+    path = tmp_path / "registry.json"
+    path.write_bytes(content)
+    registry = Registry(path)
+    try:
+        snapshot = registry.snapshot()
+    except LoraflowError as error:
+        assert str(path) in str(error)
+        return
+    for name in snapshot.names():  # whatever validation let through must also be readable
+        for version in snapshot.versions(name):
+            assert version.state in ("candidate", "live", "retired", "rejected")
+            snapshot.resolve(version.ref)
+        snapshot.live(name)
+        snapshot.history(name)
+        snapshot.aliases(name)
+    snapshot.model_ids()
+    snapshot.max_rank()

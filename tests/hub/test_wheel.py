@@ -36,8 +36,11 @@ def installed_wheel(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     source = clean_source_copy(work / "source")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"), str(source)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (work / "dist").glob("loraflow-*.whl")
     target = work / "target"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)

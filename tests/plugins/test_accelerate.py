@@ -15,8 +15,20 @@ from pathlib import Path
 from tests.conftest import PIRATE, REPO
 
 LAUNCH = [
-    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loraflow.hub.cli",
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "-m",
+    "loraflow.hub.cli",
 ]
 
 
@@ -36,9 +48,22 @@ def launch_training(registry_file: Path, trainer: str, *flags: str) -> None:
 def test_accelerate_launch_two_processes_publishes_once(tiny_base, tmp_path):
     registry_file = tmp_path / "registry.json"
     launch_training(
-        registry_file, "lora", "--data", str(first_lines(PIRATE / "train.jsonl", tmp_path, 16)), "--name", "ddp",
-        "--base", str(tiny_base.path), "--per-device-train-batch-size", "2", "--eval-split", "0",
-        "--max-length", "96", "--lora-r", "2",
+        registry_file,
+        "lora",
+        "--data",
+        str(first_lines(PIRATE / "train.jsonl", tmp_path, 16)),
+        "--name",
+        "ddp",
+        "--base",
+        str(tiny_base.path),
+        "--per-device-train-batch-size",
+        "2",
+        "--eval-split",
+        "0",
+        "--max-length",
+        "96",
+        "--lora-r",
+        "2",
     )
     versions = json.loads(registry_file.read_text())["adapters"]["ddp"]["versions"]
     assert list(versions) == ["1"], "only the main process publishes"
@@ -49,10 +74,32 @@ def test_accelerate_launch_two_processes_publishes_once(tiny_base, tmp_path):
 def test_accelerate_launch_ppo_publishes_the_policy_and_its_reward_model_once(tiny_base, tmp_path):
     registry_file = tmp_path / "registry.json"
     launch_training(
-        registry_file, "ppo", "--data", str(first_lines(PIRATE / "prefs.jsonl", tmp_path, 8)), "--name", "rl",
-        "--base", str(tiny_base.path), "--per-device-train-batch-size", "2", "--eval-split", "0",
-        "--max-length", "96", "--lora-r", "2", "--lora-alpha", "4", "--reward-max-steps", "1",
-        "--total-episodes", "4", "--response-length", "4", "--num-ppo-epochs", "1",
+        registry_file,
+        "ppo",
+        "--data",
+        str(first_lines(PIRATE / "prefs.jsonl", tmp_path, 8)),
+        "--name",
+        "rl",
+        "--base",
+        str(tiny_base.path),
+        "--per-device-train-batch-size",
+        "2",
+        "--eval-split",
+        "0",
+        "--max-length",
+        "96",
+        "--lora-r",
+        "2",
+        "--lora-alpha",
+        "4",
+        "--reward-max-steps",
+        "1",
+        "--total-episodes",
+        "4",
+        "--response-length",
+        "4",
+        "--num-ppo-epochs",
+        "1",
     )
     adapters = json.loads(registry_file.read_text())["adapters"]
     assert sorted(adapters) == ["rl", "rl-reward"]

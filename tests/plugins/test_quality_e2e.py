@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from loraflow.arena.judge import is_pirate, prompts_from
 from loraflow.hub.base import DEFAULT_BASE
 from loraflow.hub.training import load_config, run_training
-from loraflow.arena.judge import is_pirate, prompts_from
 from tests.conftest import PIRATE
 
 pytestmark = pytest.mark.e2e
@@ -33,8 +33,19 @@ RUNS = {
     # The paper's sigmoid loss mostly pushes the rejected answers down here (pirate-ish "Aye, matey" answers, few
     # opening "Arr": 0.0 to 0.33 in our runs); apo_zero also pulls the chosen answers up.
     "dpo": ("prefs.jsonl", dict(COMMON, max_steps=16, learning_rate=1e-3, beta=0.1, loss_type="apo_zero")),
-    "ppo": ("prefs.jsonl", dict(COMMON, reward_max_steps=12, reward_learning_rate=1e-3, total_episodes=48,
-                                num_ppo_epochs=4, response_length=8, learning_rate=1e-3, kl_coef=0.02)),
+    "ppo": (
+        "prefs.jsonl",
+        dict(
+            COMMON,
+            reward_max_steps=12,
+            reward_learning_rate=1e-3,
+            total_episodes=48,
+            num_ppo_epochs=4,
+            response_length=8,
+            learning_rate=1e-3,
+            kl_coef=0.02,
+        ),
+    ),
 }
 
 
@@ -85,7 +96,11 @@ def trained(smollm2, e2e_registry):
             data, settings = RUNS[method]
             config = load_config(get_plugins().trainer(method).trainer_class.config_class, overrides=settings)
             versions[method] = run_training(
-                method, data=PIRATE / data, name=f"pirate-{method}", base_spec=DEFAULT_BASE, registry=e2e_registry,
+                method,
+                data=PIRATE / data,
+                name=f"pirate-{method}",
+                base_spec=DEFAULT_BASE,
+                registry=e2e_registry,
                 config=config,
             )
         return versions[method]
@@ -104,16 +119,20 @@ def test_training_raises_the_arr_rate(method, smollm2, base_rate, trained, e2e_r
 
 def test_sft_extraction_keeps_most_of_the_full_model(trained):
     metrics = trained("sft").metrics
-    print(f"\n[quality] sft extraction: relative error {metrics['extract_relative_error']:.3f}, "
-          f"eval loss full {metrics['full_eval_loss']:.3f} vs adapter {metrics['eval_loss']:.3f}")
+    print(
+        f"\n[quality] sft extraction: relative error {metrics['extract_relative_error']:.3f}, "
+        f"eval loss full {metrics['full_eval_loss']:.3f} vs adapter {metrics['eval_loss']:.3f}"
+    )
     assert 0 < metrics["extract_relative_error"] < 1
 
 
 def test_ppo_raises_the_mean_reward(trained, e2e_registry):
     version = trained("ppo")
     metrics = version.metrics
-    print(f"\n[quality] ppo: mean reward {metrics['mean_reward_before']:.3f} -> {metrics['mean_reward_after']:.3f}; "
-          f"reward model accuracy {metrics.get('reward_eval_accuracy')}")
+    print(
+        f"\n[quality] ppo: mean reward {metrics['mean_reward_before']:.3f} -> {metrics['mean_reward_after']:.3f}; "
+        f"reward model accuracy {metrics.get('reward_eval_accuracy')}"
+    )
     assert e2e_registry.get(metrics["reward_model"]).kind == "reward"
     assert metrics["mean_reward_after"] > metrics["mean_reward_before"]
 
@@ -123,9 +142,17 @@ def test_every_method_loads_in_vllm(smollm2, trained, e2e_registry):
     prompts = heldout_prompts()[:8]
     script = Path(__file__).with_name("vllm_generate.py")
     result = subprocess.run(
-        [sys.executable, str(script), str(smollm2.path), json.dumps(prompts),
-         *(f"{method}={folder}" for method, folder in folders.items())],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        [
+            sys.executable,
+            str(script),
+            str(smollm2.path),
+            json.dumps(prompts),
+            *(f"{method}={folder}" for method, folder in folders.items()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     answers = json.loads(result.stdout.split("ANSWERS ", 1)[1].splitlines()[0])

@@ -160,8 +160,10 @@ def test_messages_given_to_dpo_are_refused_before_loading(tiny_base, registry):
 def test_malformed_preference_lines_are_each_reported(tiny_base, registry, tmp_path):
     data = tmp_path / "prefs.jsonl"
     data.write_text(
-        json.dumps({"prompt": "Hi", "chosen": "Arr!", "rejected": "Hello"}) + "\n"
-        + json.dumps({"prompt": "Hi", "chosen": "same", "rejected": "same"}) + "\n"
+        json.dumps({"prompt": "Hi", "chosen": "Arr!", "rejected": "Hello"})
+        + "\n"
+        + json.dumps({"prompt": "Hi", "chosen": "same", "rejected": "same"})
+        + "\n"
         + "{not json\n"
     )
     with pytest.raises(LoraflowError) as error:
@@ -176,9 +178,20 @@ def test_cli_trains_qlora_with_yaml_and_flag(tiny_base, tmp_path):
     )
     registry_file = tmp_path / "registry.json"
     result = run_loraflow(
-        "--registry", str(registry_file), "train", "qlora", "--data", str(PIRATE / "train.jsonl"),
-        "--name", "cli-qlora",
-        "--base", str(tiny_base.path), "--config", str(config), "--lora-r", "4",
+        "--registry",
+        str(registry_file),
+        "train",
+        "qlora",
+        "--data",
+        str(PIRATE / "train.jsonl"),
+        "--name",
+        "cli-qlora",
+        "--base",
+        str(tiny_base.path),
+        "--config",
+        str(config),
+        "--lora-r",
+        "4",
     )
     assert "published cli-qlora@1" in result.stdout
     record = json.loads(registry_file.read_text())["adapters"]["cli-qlora"]["versions"]["1"]
@@ -190,3 +203,18 @@ def test_train_help_lists_method_knobs():
     flags = [("dpo", "--beta"), ("ppo", "--kl-coef"), ("ppo", "--response-length"), ("sft", "--extract-rank")]
     for trainer_name, flag in flags:
         assert flag in run_loraflow("train", trainer_name, "--help").stdout
+
+
+def test_report_to_tensorboard_logs_the_loss_and_records_where(tiny_base, registry):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    version = train("lora", tiny_base, registry, name="tiny-tracked", report_to="tensorboard")
+    tracking = version.provenance["tracking"]
+    assert tracking["report_to"] == "tensorboard"
+    log_dir = tracking["location"]
+    assert "/checkpoints/runs/" in log_dir, "TRL's default log folder, inside the run's folder"
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    losses = [event.value for event in events.Scalars("train/loss")]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses), "logging_steps=1 over max_steps=2"
+    assert f"- tracking: {log_dir}" in (registry.folder(version) / "README.md").read_text()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from loraflow.serve.punica_cpu import add_grouped_lora, plan_tokens
 from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
+
+from loraflow.serve.punica_cpu import add_grouped_lora, plan_tokens
 
 
 def reference(y, x, lora_a, lora_b, scale, output_slices, indices):

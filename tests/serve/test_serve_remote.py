@@ -13,8 +13,8 @@ import time
 import httpx
 import openai
 import pytest
-from loraflow.hub.errors import LoraflowError
 
+from loraflow.hub.errors import LoraflowError
 from tests.conftest import make_adapter, write_tiny_llama
 from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer
 
