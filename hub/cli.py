@@ -173,11 +173,13 @@ def registry_list(ctx: typer.Context):
 @registry_app.command("history")
 def registry_history(ctx: typer.Context, name: str = typer.Argument(..., help="The adapter name.")):
     """Every lifecycle step of NAME: publish, promote, reject, rollback, retire, failed trainings; who and why."""
-    table = Table("time", "action", "version", "replaced", "actor", "reason")
+    table = Table("time (UTC)", "action", "version", "replaced", "actor", "reason")
+    table.columns[0].no_wrap = True
     for event in registry_from(ctx).history(name):
         version = f"{name}@{event.version}" if event.version is not None else ""
         replaced = f"{name}@{event.previous}" if event.previous is not None else ""
-        table.add_row(event.time, event.action, version, replaced, event.actor, event.reason)
+        when = event.time.replace("T", " ").removesuffix("+00:00")
+        table.add_row(when, event.action, version, replaced, event.actor, event.reason)
     console.print(table)
 
 

@@ -7,16 +7,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loraflow.hub.devices import on_gpu
 from loraflow.hub.training import TRACKING_PROJECT, TrainingConfig, TrainJob
 
 if TYPE_CHECKING:  # torch loads inside the functions that use it
     import torch
-
-
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def no_grad(function):
@@ -30,16 +25,6 @@ def no_grad(function):
             return function(*args, **kwargs)
 
     return without_gradients
-
-
-def fast_bf16() -> bool:
-    """Whether bf16 matmuls run natively: a bf16 GPU, or a CPU with AVX512-BF16 or AMX. Elsewhere (an AVX2-only
-    CPU, say) PyTorch emulates them, about 80x slower than fp32, so bf16 must not be a default there."""
-    import torch
-
-    if on_gpu():
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def compute_dtype() -> torch.dtype:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loraflow.hub.devices import fast_bf16, on_gpu
 from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainJob
-from loraflow.plugins.common import fast_bf16, load_causal_lm, on_gpu
+from loraflow.plugins.common import load_causal_lm
 from loraflow.plugins.lora import LoraTrainer, LoraTrainingConfig
 
 

@@ -92,7 +92,9 @@ def extract_lora(tuned, base, rank: int, targets: list[str]):
     factors, residual, total = {}, 0.0, 0.0
     base_linears = adapted_linears(base, targets)
     for name, module in tuned_linears.items():
-        lora_a, lora_b, layer_residual, layer_total = low_rank_factors(module.weight - base_linears[name].weight, rank)
+        # The tuned model sits where it trained (a GPU, say); the freshly loaded base on the CPU.
+        delta = module.weight - base_linears[name].weight.to(module.weight.device)
+        lora_a, lora_b, layer_residual, layer_total = low_rank_factors(delta, rank)
         factors[name] = (lora_a, lora_b)
         residual, total = residual + layer_residual, total + layer_total
     # alpha = r makes PEFT's scaling 1, so B @ A is exactly the fitted delta.

@@ -1,8 +1,9 @@
 """The FastAPI app: the Hub HTTP routes huggingface_hub calls for model repos, over HubRepos, and the uvicorn runner.
 
-Three routers here: `public` (health, whoami, validate-yaml, signed LFS uploads, the Xet refusal), `reads` (behind
-require_read) and `writes` (behind require_write); dataset_routes.py adds the same three for dataset repos, and
-/api/repos/create makes both kinds. The app's state holds the HubRepos, the DatasetStore and the HubAccess.
+Three routers here: `public` (health, whoami, validate-yaml, signed LFS uploads, the Xet refusal for both repo
+kinds), `reads` (behind require_read) and `writes` (behind require_write); dataset_routes.py adds reads and writes
+for dataset repos, and /api/repos/create makes both kinds. The app's state holds the HubRepos, the DatasetStore
+and the HubAccess.
 Request limits: headers over 16 KiB get 431; bodies over `max_body_bytes` (`hub serve --max-body-mb`, 64 MiB by
 default, room for a commit of inline base64 files) get 413. LFS uploads are not JSON and not under that limit:
 each takes exactly the size the LFS batch endpoint signed for it.
@@ -205,7 +206,9 @@ async def lfs_upload(request: Request, repos: Repos, oid: str, size: int, expire
 
 
 @public.api_route("/api/models/{namespace}/{name}/xet-{kind}-token/{revision}", methods=["GET", "POST"])
+@public.api_route("/api/datasets/{org}/{name}/xet-{kind}-token/{revision}", methods=["GET", "POST"])
 def xet_token(repos: Repos):
+    """One refusal for model and dataset repos: both share the inline limit and the LFS upload route."""
     raise HubError(
         501,
         "this loraflow hub does not speak the Xet protocol: set HF_HUB_DISABLE_XET=1 in the uploading client "
@@ -461,7 +464,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Exception, _unexpected_error)
     # The dataset routes first: /datasets/ORG/REPO/... must never be read as a model repo named ORG in `datasets/`.
-    for router in (public, dataset_routes.public, dataset_routes.reads, dataset_routes.writes, reads, writes):
+    for router in (public, dataset_routes.reads, dataset_routes.writes, reads, writes):
         app.include_router(router)
     return app
 

@@ -31,7 +31,6 @@ from loraflow.hub.hub_server.web import (
 
 MAX_PATHS_INFO = 1_000
 
-public = APIRouter()
 reads = APIRouter(dependencies=[Depends(require_read)])
 writes = APIRouter(dependencies=[Depends(require_write)])
 
@@ -52,15 +51,6 @@ DatasetRepo = Annotated[str, Depends(checked_dataset)]
 
 def dataset_url(request: Request, repo: str) -> str:
     return f"{str(request.base_url).rstrip('/')}/datasets/{repo}"
-
-
-@public.api_route("/api/datasets/{org}/{name}/xet-{kind}-token/{revision}", methods=["GET", "POST"])
-def xet_token(datasets: Datasets):
-    raise HubError(
-        501,
-        "this loraflow hub does not speak the Xet protocol: set HF_HUB_DISABLE_XET=1 in the uploading client "
-        f"(files over {datasets.inline_max_bytes} bytes go through the LFS API).",
-    )
 
 
 @reads.get("/api/datasets/{org}/{name}")

@@ -35,7 +35,9 @@ from loraflow.hub.hub_server.repos import (
     Commit,
     HubError,
     apply_change,
+    check_lfs_sources,
     git_blob_id,
+    remove_spent_uploads,
     safe_relative,
 )
 from loraflow.hub.registry import NAME_PATTERN, now
@@ -203,13 +205,7 @@ class DatasetStore:
             if parent and parent != head.id:
                 raise HubError(412, f"datasets/{repo}@main is at {head.id}, not at parent commit {parent}; retry.")
             sources = {change.oid: self.blob_path(repo, change.oid) for change in commit.changes if change.oid}
-            for change in commit.changes:
-                if change.action == "lfs" and sources[change.oid] is None:
-                    raise HubError(
-                        422,
-                        f"{change.path}: LFS object {change.oid} was never uploaded; upload it through the LFS "
-                        "batch API.",
-                    )
+            check_lfs_sources(commit.changes, sources)
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.folder(repo)))
             try:
                 self._link_tree(self.folder(repo) / REVISIONS_DIR / head.id, staging, head.files)
@@ -225,9 +221,7 @@ class DatasetStore:
                 self._write_manifest(repo, [*history, created])
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        for path in sources.values():
-            if path is not None and path.parent == self.uploads / "objects":
-                path.unlink(missing_ok=True)
+        remove_spent_uploads(sources, self.uploads)
         return created
 
     @staticmethod

@@ -338,12 +338,7 @@ class HubRepos:
         """Build the new tree in a staging folder, then hand it to Registry.publish (one atomic write)."""
         plan = self.commit_plan(name, revision, commit.header.parentCommit)
         sources = {change.oid: self.blob_path(change.oid) for change in commit.changes if change.action == "lfs"}
-        for change in commit.changes:
-            if change.action == "lfs" and sources[change.oid] is None:
-                raise HubError(
-                    422,
-                    f"{change.path}: LFS object {change.oid} was never uploaded; upload it through the LFS batch API.",
-                )
+        check_lfs_sources(commit.changes, sources)
         self.sweep_stale_uploads()
         self.uploads.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=self.uploads))
@@ -356,9 +351,7 @@ class HubRepos:
             version = self._publish(staging, name, revision, commit.header, plan)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        for path in sources.values():
-            if path is not None and path.parent == self.uploads / "objects":
-                path.unlink(missing_ok=True)
+        remove_spent_uploads(sources, self.uploads)
         return version
 
     def _publish(
@@ -417,6 +410,23 @@ def _is_valid_name(name: str) -> bool:
     except LoraflowError:
         return False
     return True
+
+
+def check_lfs_sources(changes: list[Change], sources: dict[str, Path | None]) -> None:
+    """Every LFS change names an object this hub holds (`sources`: oid to its file, or None); else a 422."""
+    for change in changes:
+        if change.action == "lfs" and sources[change.oid] is None:
+            raise HubError(
+                422,
+                f"{change.path}: LFS object {change.oid} was never uploaded; upload it through the LFS batch API.",
+            )
+
+
+def remove_spent_uploads(sources: dict[str, Path | None], uploads: Path) -> None:
+    """After a commit, the uploaded LFS objects it copied go; files it copied from a stored revision stay."""
+    for path in sources.values():
+        if path is not None and path.parent == uploads / "objects":
+            path.unlink(missing_ok=True)
 
 
 def apply_change(staging: Path, change: Change, lfs_source: Path | None) -> None:

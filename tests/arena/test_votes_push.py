@@ -34,9 +34,8 @@ def vote(store: VoteStore, outcome: str, a: str, b: str, session: str, prompt: s
 
 @pytest.fixture(scope="module")
 def hub_server(tiny_base, tmp_path_factory):
-    server = HubServer(tmp_path_factory.mktemp("votes-push-hub"), tiny_base.path)
-    yield server
-    server.stop()
+    with HubServer(tmp_path_factory.mktemp("votes-push-hub"), tiny_base.path) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from loraflow.hub.registry import Registry
 from tests.conftest import REPO
@@ -78,3 +79,19 @@ class HubServer:
         self.process.terminate()
         self.process.wait(timeout=30)
         self.log.close()
+
+    def __enter__(self) -> HubServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def hub_api(server: HubServer, patch: pytest.MonkeyPatch):
+    """An HfApi with the write token for `server`. The hub speaks the classic LFS API, not Xet: `patch` sets what
+    HF_HUB_DISABLE_XET=1 sets at import time, until the test (or the fixture holding `patch`) ends."""
+    import huggingface_hub.constants
+    from huggingface_hub import HfApi
+
+    patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    return HfApi(endpoint=server.endpoint, token=WRITE_TOKEN)

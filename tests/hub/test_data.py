@@ -19,6 +19,13 @@ def write_lines(path, lines):
     return path
 
 
+def assert_file_refused(path, content: bytes, error: type[Exception], message: str) -> None:
+    """A file holding exactly `content` is refused as messages data with an `error` that matches `message`."""
+    path.write_bytes(content)
+    with pytest.raises(error, match=message):
+        load_records(path, "messages")
+
+
 def test_shipped_datasets_are_valid():
     assert len(load_records(PIRATE / "train.jsonl", "messages")) == 320
     assert len(load_records(PIRATE / "prefs.jsonl", "preference")) == 320
@@ -188,10 +195,7 @@ def test_a_folder_without_data_files_is_refused_by_name(tmp_path):
 
 
 def test_an_empty_file_is_refused(tmp_path):
-    path = tmp_path / "empty.jsonl"
-    path.write_bytes(b"")
-    with pytest.raises(LoraflowError, match=r"empty.jsonl: the dataset is empty"):
-        load_records(path, "messages")
+    assert_file_refused(tmp_path / "empty.jsonl", b"", LoraflowError, r"empty.jsonl: the dataset is empty")
 
 
 def test_a_huge_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
@@ -390,14 +394,9 @@ def test_a_table_without_known_columns_names_its_columns(tmp_path):
 
 
 def test_a_file_datasets_cannot_read_is_named(tmp_path):
-    path = tmp_path / "broken.parquet"
-    path.write_bytes(b"PAR1 not really")
-    with pytest.raises(DataError, match=rf"{path}: datasets cannot read it as PARQUET \(.*Parquet"):
-        load_records(path, "messages")
-    empty = tmp_path / "empty.csv"
-    empty.write_bytes(b"")
-    with pytest.raises(DataError, match=rf"{empty}: the file is empty"):
-        load_records(empty, "messages")
+    path, empty = tmp_path / "broken.parquet", tmp_path / "empty.csv"
+    assert_file_refused(path, b"PAR1 not really", DataError, rf"{path}: datasets cannot read it as PARQUET \(.*Parquet")
+    assert_file_refused(empty, b"", DataError, rf"{empty}: the file is empty")
 
 
 def test_an_unknown_suffix_and_split_on_a_local_file_are_refused(tmp_path):
@@ -508,10 +507,7 @@ def test_a_hub_dataset_id_is_read_from_hf_endpoint_with_its_split(tiny_base, tmp
     import subprocess
     import sys
 
-    import huggingface_hub.constants
-    from huggingface_hub import HfApi
-
-    from tests.hub.hub_server_support import WRITE_TOKEN, HubServer
+    from tests.hub.hub_server_support import HubServer, hub_api
 
     turn = {"from": "human", "value": "Sing"}
     good = [{"conversations": [turn, {"from": "gpt", "value": f"Yo ho {n}!"}]} for n in range(3)]
@@ -521,10 +517,8 @@ def test_a_hub_dataset_id_is_read_from_hf_endpoint_with_its_split(tiny_base, tmp
     write_parquet(tmp_path / "repo" / "data" / "validation-00000-of-00001.parquet", good)
     (tmp_path / "repo" / "README.md").write_text(HUB_CARD)
     (tmp_path / "hub").mkdir()
-    server = HubServer(tmp_path / "hub", tiny_base.path)
-    try:
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-        api = HfApi(endpoint=server.endpoint, token=WRITE_TOKEN)
+    with HubServer(tmp_path / "hub", tiny_base.path) as server:
+        api = hub_api(server, monkeypatch)
         api.create_repo("pirates/shanty-chat", repo_type="dataset")
         api.upload_folder(repo_id="pirates/shanty-chat", repo_type="dataset", folder_path=tmp_path / "repo")
         queries = [
@@ -542,8 +536,6 @@ def test_a_hub_dataset_id_is_read_from_hf_endpoint_with_its_split(tiny_base, tmp
             cwd=tmp_path,
             timeout=120,
         )
-    finally:
-        server.stop()
     assert result.returncode == 0, result.stderr[-3000:]
     validation, train, missing_split, missing_repo = [json.loads(line) for line in result.stdout.splitlines()]
     assert validation["source"] == "pirates/shanty-chat[validation]" and validation["count"] == 3

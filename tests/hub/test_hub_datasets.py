@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REPO
-from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer
+from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer, hub_api
 
 AUTH = {"Authorization": f"Bearer {WRITE_TOKEN}"}
 HEADER = {"key": "header", "value": {"summary": "test", "description": ""}}
@@ -76,18 +76,13 @@ def write_pairs(folder, count: int):
 
 @pytest.fixture(scope="module")
 def hub_server(tiny_base, tmp_path_factory):
-    server = HubServer(tmp_path_factory.mktemp("hub-datasets"), tiny_base.path, "--max-body-mb", "1")
-    yield server
-    server.stop()
+    with HubServer(tmp_path_factory.mktemp("hub-datasets"), tiny_base.path, "--max-body-mb", "1") as server:
+        yield server
 
 
 @pytest.fixture
 def api(hub_server, monkeypatch):
-    import huggingface_hub.constants
-    from huggingface_hub import HfApi
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    return HfApi(endpoint=hub_server.endpoint, token=WRITE_TOKEN)
+    return hub_api(hub_server, monkeypatch)
 
 
 @pytest.fixture(scope="module")

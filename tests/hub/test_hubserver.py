@@ -33,24 +33,18 @@ import pytest
 from loraflow.hub.adapters import sha256_file
 from loraflow.hub.registry import Registry
 from tests.conftest import REPO, make_adapter, run_loraflow
-from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer
+from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer, hub_api
 
 
 @pytest.fixture(scope="module")
 def hub_server(tiny_base, tmp_path_factory):
-    server = HubServer(tmp_path_factory.mktemp("hub-server"), tiny_base.path)
-    yield server
-    server.stop()
+    with HubServer(tmp_path_factory.mktemp("hub-server"), tiny_base.path) as server:
+        yield server
 
 
 @pytest.fixture
 def api(hub_server, monkeypatch):
-    import huggingface_hub.constants
-    from huggingface_hub import HfApi
-
-    # The server speaks the classic LFS API, not Xet; this is what HF_HUB_DISABLE_XET=1 sets at import time.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    return HfApi(endpoint=hub_server.endpoint, token=WRITE_TOKEN)
+    return hub_api(hub_server, monkeypatch)
 
 
 def _client_env(hub_server, token: str | None = WRITE_TOKEN) -> dict:

@@ -32,14 +32,20 @@ LAUNCH = [
 ]
 
 
+# What both trainings share to stay small: two examples per device, no eval split, 96 tokens, LoRA rank 2.
+TINY_TRAINING = ["--per-device-train-batch-size", "2", "--eval-split", "0", "--max-length", "96", "--lora-r", "2"]
+
+
 def first_lines(source: Path, folder: Path, count: int) -> Path:
     data = folder / source.name
     data.write_text("".join(source.read_text().splitlines(keepends=True)[:count]))
     return data
 
 
-def launch_training(registry_file: Path, trainer: str, *flags: str) -> None:
-    command = [*LAUNCH, "--registry", str(registry_file), "train", trainer, *flags]
+def launch_training(registry_file: Path, trainer: str, data: Path, name: str, base: Path, *flags: str) -> None:
+    """`loraflow train TRAINER` on `data` under accelerate, kept tiny (see TINY_TRAINING), with any extra `flags`."""
+    inputs = ["--data", str(data), "--name", name, "--base", str(base)]
+    command = [*LAUNCH, "--registry", str(registry_file), "train", trainer, *inputs, *TINY_TRAINING, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -47,24 +53,7 @@ def launch_training(registry_file: Path, trainer: str, *flags: str) -> None:
 
 def test_accelerate_launch_two_processes_publishes_once(tiny_base, tmp_path):
     registry_file = tmp_path / "registry.json"
-    launch_training(
-        registry_file,
-        "lora",
-        "--data",
-        str(first_lines(PIRATE / "train.jsonl", tmp_path, 16)),
-        "--name",
-        "ddp",
-        "--base",
-        str(tiny_base.path),
-        "--per-device-train-batch-size",
-        "2",
-        "--eval-split",
-        "0",
-        "--max-length",
-        "96",
-        "--lora-r",
-        "2",
-    )
+    launch_training(registry_file, "lora", first_lines(PIRATE / "train.jsonl", tmp_path, 16), "ddp", tiny_base.path)
     versions = json.loads(registry_file.read_text())["adapters"]["ddp"]["versions"]
     assert list(versions) == ["1"], "only the main process publishes"
     # 16 examples, 2 per device: one process takes 8 steps, two processes share them in 4.
@@ -76,20 +65,9 @@ def test_accelerate_launch_ppo_publishes_the_policy_and_its_reward_model_once(ti
     launch_training(
         registry_file,
         "ppo",
-        "--data",
-        str(first_lines(PIRATE / "prefs.jsonl", tmp_path, 8)),
-        "--name",
+        first_lines(PIRATE / "prefs.jsonl", tmp_path, 8),
         "rl",
-        "--base",
-        str(tiny_base.path),
-        "--per-device-train-batch-size",
-        "2",
-        "--eval-split",
-        "0",
-        "--max-length",
-        "96",
-        "--lora-r",
-        "2",
+        tiny_base.path,
         "--lora-alpha",
         "4",
         "--reward-max-steps",

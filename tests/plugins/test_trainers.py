@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from loraflow.arena.judge import prompts_from
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.training import load_config, run_training
 from tests.conftest import PIRATE, make_adapter, run_loraflow
@@ -218,3 +223,23 @@ def test_report_to_tensorboard_logs_the_loss_and_records_where(tiny_base, regist
     losses = [event.value for event in events.Scalars("train/loss")]
     assert len(losses) == 2 and all(loss > 0 for loss in losses), "logging_steps=1 over max_steps=2"
     assert f"- tracking: {log_dir}" in (registry.folder(version) / "README.md").read_text()
+
+
+def test_every_trainer_output_loads_in_vllm_and_changes_its_answers(tiny_base, registry):
+    """vLLM, the server's engine, loads what each trainer publishes and applies it: each adapter moves the
+    logprobs of the greedy answers away from the base's (a larger learning rate makes sure two steps move them)."""
+    folders = {name: registry.folder(train(name, tiny_base, registry, learning_rate=1e-2)) for name in SETTINGS}
+    prompts = prompts_from(PIRATE / "heldout.jsonl")[:4]
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("vllm_generate.py")), str(tiny_base.path), json.dumps(prompts)]
+        + [f"{name}={folder}" for name, folder in folders.items()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    logprobs = json.loads(result.stdout.split("LOGPROBS ", 1)[1].splitlines()[0])
+    assert set(logprobs) == {"base", *SETTINGS}
+    assert all(len(values) == len(prompts) for values in logprobs.values())
+    assert all(logprobs[name] != logprobs["base"] for name in SETTINGS), logprobs

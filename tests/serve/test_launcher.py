@@ -22,6 +22,10 @@ def quantization_of(command: list[str]) -> str | None:
     return command[command.index("--quantization") + 1] if "--quantization" in command else None
 
 
+def dtype_of(command: list[str]) -> str | None:
+    return command[command.index("--dtype") + 1] if "--dtype" in command else None
+
+
 def on_cuda(monkeypatch, capability: tuple[int, int]) -> None:
     import torch
 
@@ -29,9 +33,23 @@ def on_cuda(monkeypatch, capability: tuple[int, int]) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
 
 
-def test_the_cpu_serves_an_int8_base(tmp_path, monkeypatch):
+def on_cpu(monkeypatch, native_bf16: bool) -> None:
     monkeypatch.setattr(launcher, "on_gpu", lambda: False)
-    assert quantization_of(settings(tmp_path).command()) == "int8_per_channel_weight_only"
+    monkeypatch.setattr(launcher, "cpu_fast_bf16", lambda: native_bf16)
+
+
+def test_a_cpu_with_native_bf16_serves_an_int8_base_in_bf16(tmp_path, monkeypatch):
+    on_cpu(monkeypatch, native_bf16=True)
+    command = settings(tmp_path).command()
+    assert (quantization_of(command), dtype_of(command)) == ("int8_per_channel_weight_only", "bfloat16")
+
+
+def test_a_cpu_that_emulates_bf16_serves_fp32_unless_int8_is_asked_for(tmp_path, monkeypatch):
+    on_cpu(monkeypatch, native_bf16=False)
+    command = settings(tmp_path).command()
+    assert (quantization_of(command), dtype_of(command)) == (None, "float32")
+    forced = settings(tmp_path, quantization="int8_per_channel_weight_only").command()
+    assert (quantization_of(forced), dtype_of(forced)) == ("int8_per_channel_weight_only", "bfloat16")
 
 
 @pytest.mark.parametrize("capability", [(7, 5), (8, 0), (8, 9), (9, 0)])
@@ -51,3 +69,9 @@ def test_a_gpu_too_old_for_fp8_serves_the_base_unquantized(tmp_path, monkeypatch
 def test_quantization_overrides_the_default(tmp_path, monkeypatch, chosen, expected):
     on_cuda(monkeypatch, (9, 0))
     assert quantization_of(settings(tmp_path, quantization=chosen).command()) == expected
+
+
+def test_a_cuda_machine_keeps_the_checkpoint_dtype_and_dtype_overrides(tmp_path, monkeypatch):
+    on_cuda(monkeypatch, (9, 0))
+    assert dtype_of(settings(tmp_path).command()) is None
+    assert dtype_of(settings(tmp_path, dtype="float16").command()) == "float16"

@@ -16,7 +16,7 @@ import pytest
 
 from loraflow.hub.errors import LoraflowError
 from tests.conftest import make_adapter, write_tiny_llama
-from tests.hub.hub_server_support import READ_TOKEN, WRITE_TOKEN, HubServer
+from tests.hub.hub_server_support import READ_TOKEN, HubServer, hub_api
 
 API_KEY = "test-key"
 PROMPT = "Tell me about the sea"
@@ -29,20 +29,14 @@ def base(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hub(base, tmp_path_factory):
-    server = HubServer(tmp_path_factory.mktemp("remote-hub"), base.path)
-    yield server
-    server.stop()
+    with HubServer(tmp_path_factory.mktemp("remote-hub"), base.path) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def api(hub):
-    import huggingface_hub.constants
-    from huggingface_hub import HfApi
-
-    # The hub speaks the classic LFS API, not Xet; this is what HF_HUB_DISABLE_XET=1 sets at import time.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-        yield HfApi(endpoint=hub.endpoint, token=WRITE_TOKEN)
+        yield hub_api(hub, patch)
 
 
 def upload(api, base, folder, name: str, seed: int) -> None:
