@@ -28,7 +28,7 @@ def serve(
         None,
         "--quantization",
         help="vLLM quantization (default: fp8 on CUDA; int8_per_channel_weight_only on a CPU with AVX512-BF16 or AMX; "
-        "none on other CPUs, where int8's bf16 arithmetic is emulated and fp32 serves about 4x faster; 'none': off).",
+        "none on other CPUs, where int8's bf16 arithmetic is emulated and fp32 serves 3.4x faster; 'none': off).",
     ),
     dtype: Optional[str] = typer.Option(
         None,

@@ -31,7 +31,7 @@ from loraflow.serve.naming import open_registry_view
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # vLLM's int8 weight-only CPU path computes in bf16 (or fp16; it refuses fp32). Where the CPU runs bf16 natively
 # (AVX512-BF16, AMX) that is the fast path; on an AVX2-only CPU PyTorch emulates bf16 and fp16 matmuls, and there
-# one run of SmolLM2-135M served 22 tok/s int8 (bf16) against 94 tok/s unquantized fp32 (README, Serving).
+# SmolLM2-135M served 22.0 tok/s int8 (bf16) against 75.3 tok/s unquantized fp32 (bench/serve_dtype.py, README).
 CPU_QUANTIZATION = "int8_per_channel_weight_only"
 # On CUDA, vLLM's online fp8: weights quantized at load to half of bf16, with LoRA applied on top; from compute
 # capability 7.5 (Marlin weight-only kernels below 8.9, native fp8 from 8.9). vLLM 0.32 dropped bitsandbytes.
