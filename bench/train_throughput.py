@@ -4,7 +4,9 @@ After one unmeasured warm-up run each, the runners alternate in one process (ord
 so machine noise hits all alike. Two figures each:
 the training loop (Trainer's own train_runtime) and the whole call (model load, validation, card, publish).
 Both in fp32 (our default) and in bf16 mixed precision (TRL's default: bf16=True unless told otherwise).
-Then plain TRL with packing (best-fit decreasing, padding-free) shows what packing would add.
+Then plain TRL with packing (best-fit decreasing, padding-free) shows what packing would add. The bf16 rows run
+only where bf16 is native (a bf16 GPU, or a CPU with AVX512-BF16 or AMX): on an AVX2-only CPU PyTorch emulates
+bf16, about 80x slower per matmul, and they would take hours (`--bf16 always` runs them anyway).
 
     .venv/bin/python bench/train_throughput.py [--rounds 2] [--examples 96] [--base smollm2-135m]
 """
@@ -23,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from loraflow.hub.base import DEFAULT_BASE  # noqa: E402
+from loraflow.hub.devices import fast_bf16  # noqa: E402
 
 SETTINGS = dict(
     per_device_train_batch_size=8,
@@ -117,7 +120,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--examples", type=int, default=96, help="training examples per run (one epoch)")
     parser.add_argument("--base", default=DEFAULT_BASE)
+    parser.add_argument("--bf16", choices=("auto", "always"), default="auto", help="auto: only where bf16 is native")
     args = parser.parse_args()
+    with_bf16 = args.bf16 == "always" or fast_bf16()
 
     import datasets
     import transformers
@@ -132,9 +137,10 @@ def main() -> None:
         runners = {
             "loraflow lora": lambda: run_ours(data, args.base, workdir),
             "plain TRL": lambda: run_plain(data, args.base, workdir),
-            "loraflow lora --bf16": lambda: run_ours(data, args.base, workdir, bf16=True),
-            "plain TRL bf16": lambda: run_plain(data, args.base, workdir, bf16=True),
         }
+        if with_bf16:
+            runners["loraflow lora --bf16"] = lambda: run_ours(data, args.base, workdir, bf16=True)
+            runners["plain TRL bf16"] = lambda: run_plain(data, args.base, workdir, bf16=True)
         for runner in runners.values():  # warm-up: first-run kernel setup and file caching, not measured
             runner()
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
@@ -147,7 +153,8 @@ def main() -> None:
                     f"{results[name][-1][1]:.2f} s",
                     flush=True,
                 )
-        results["plain TRL bf16 + packing"] = [run_plain(data, args.base, workdir, bf16=True, packing=True)]
+        if with_bf16:
+            results["plain TRL bf16 + packing"] = [run_plain(data, args.base, workdir, bf16=True, packing=True)]
         print(
             f"{tokens} tokens per run ({args.examples} examples, batch 8, one epoch), {args.rounds} alternating rounds"
         )
@@ -155,11 +162,17 @@ def main() -> None:
         whole = {name: tokens / statistics.median(r[1] for r in runs) for name, runs in results.items()}
         for name in results:
             print(f"  {name:22s} training loop {loop[name]:8.1f} tok/s   whole call {whole[name]:8.1f} tok/s")
-        for ours, plain in (("loraflow lora", "plain TRL"), ("loraflow lora --bf16", "plain TRL bf16")):
+        pairs = [("loraflow lora", "plain TRL")]
+        if with_bf16:
+            pairs.append(("loraflow lora --bf16", "plain TRL bf16"))
+        for ours, plain in pairs:
             print(
                 f"ratio {ours} / {plain}: training loop {loop[ours] / loop[plain]:.3f}x, whole call "
                 f"{whole[ours] / whole[plain]:.3f}x"
             )
+        if not with_bf16:
+            print("bf16 rows skipped: this machine emulates bf16 (no AVX512-BF16, AMX or bf16 GPU); --bf16 always")
+            return
         print(f"ratio bf16/fp32 (loraflow, training loop): {loop['loraflow lora --bf16'] / loop['loraflow lora']:.3f}x")
         print(
             "ratio packing/no packing (plain TRL bf16, training loop): "
