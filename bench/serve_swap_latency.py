@@ -1,9 +1,9 @@
-"""Hot-swap latency under load: from a publish returning to the first token streamed by the new version.
+"""Hot-swap latency under load: from a publish that promotes (one write) to the first token streamed by the new version.
 
     python bench/serve_swap_latency.py [--rate 8] [--swaps 3] [--tokens 32]
 
 Streaming requests for NAME arrive at a steady rate (open loop: a new one every 1/rate s, whether or not
-earlier ones finished), so no client waits for its batch to end. Each swap publishes a new version of NAME
+earlier ones finished), so no client waits for its batch to end. Each swap publishes a new live version of NAME
 (the server is not told) and records when the first token produced by that version arrives; every streamed
 chunk names the version that produced it (NAME@V). The baseline, measured in the same run, is the usual
 wait for a first token under this load: half the arrival gap plus the median time to first token.
@@ -69,7 +69,7 @@ async def run(url: str, registry: Registry, base, sources: list[Path], rate: flo
     await asyncio.sleep(2)  # let the load settle before the first swap
     latencies = []
     for source in sources:
-        version = await asyncio.to_thread(registry.publish, source, NAME, base=base)
+        version = await asyncio.to_thread(registry.publish, source, NAME, base=base, promote=True)
         published = time.perf_counter()
         while version.ref not in first_token_at:
             await asyncio.sleep(0.005)
