@@ -192,12 +192,11 @@ def test_publish_promote_reject_and_rollback_under_load(setup, client):
 
     @contextmanager
     def step(name: str, answers_with: str):
+        """Time a lifecycle step, then wait for 8 answers as NAME from `answers_with` to requests started after it."""
         began = time.monotonic()
         yield
         timeline.append((name, began, time.monotonic(), answers_with))
-
-    def ended(name: str) -> float:
-        return next(end for step_name, _, end, _ in timeline if step_name == name)
+        traffic.wait_for(answers_with, after=timeline[-1][2], count=8)
 
     with Traffic(client) as traffic:
         traffic.wait_for("pirate@2")
@@ -205,22 +204,17 @@ def test_publish_promote_reject_and_rollback_under_load(setup, client):
         with step("published 3", "pirate@2"):
             assert registry.publish(folder, "pirate", base=base).state == "candidate"
         assert complete(client, "pirate@3").model == "pirate@3"
-        traffic.wait_for("pirate@2", after=ended("published 3"), count=8)
         with step("promoted 3", "pirate@3"):
             registry.promote("pirate@3", actor="test", reason="under load")
-        traffic.wait_for("pirate@3", after=ended("promoted 3"), count=8)
         folder = make_adapter(base, setup["adapters"] / "p4", seed=7)
         with step("promoted 4", "pirate@4"):
             registry.publish(folder, "pirate", base=base, promote=True)
-        traffic.wait_for("pirate@4", after=ended("promoted 4"), count=8)
         with step("rolled back", "pirate@3"):
             registry.rollback("pirate", actor="test", reason="bad answers")
-        traffic.wait_for("pirate@3", after=ended("rolled back"), count=8)
         folder = make_adapter(base, setup["adapters"] / "p5", seed=9)
         with step("rejected 5", "pirate@3"):
             registry.publish(folder, "pirate", base=base)
             registry.reject("pirate@5", actor="test", reason="lost the gate")
-        traffic.wait_for("pirate@3", after=ended("rejected 5"), count=8)
 
     assert traffic.failures == []
     references = {f"pirate@{v}": complete(client, f"pirate@{v}").choices[0].text for v in (2, 3, 4, 5)}
