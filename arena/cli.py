@@ -13,6 +13,7 @@ from typing import List, Optional
 import click
 import typer
 
+from loraflow.arena.judge import DEFAULT_JUDGE
 from loraflow.arena.settings import ArenaSettings, LoopSettings, RateLimit, trainer_config
 from loraflow.hub.base import DEFAULT_BASE
 from loraflow.hub.cli_common import default_of, help_of, registry_from
@@ -174,6 +175,24 @@ def votes_push(
     typer.echo(json.dumps(summary))
 
 
+JUDGE_OPTION = typer.Option(
+    DEFAULT_JUDGE, "--judge", help="The judge that votes: pirate (rule-based), llm (asks --judge-model) or a plugin's."
+)
+JUDGE_MODEL_OPTION = typer.Option(
+    None, "--judge-model", envvar="LORAFLOW_JUDGE_MODEL", help="The model the llm judge asks, by its served name."
+)
+JUDGE_SERVER_OPTION = typer.Option(
+    None, "--judge-server", envvar="LORAFLOW_JUDGE_SERVER", help="Where the judge model is served (default: --server)."
+)
+
+
+def _judge(name: str, model: Optional[str], server: Optional[str], api_key: str):
+    """The judge called NAME, built before any round is played, so a bad name or judge model fails at start."""
+    from loraflow.arena.judge import JudgeSettings, load_judge
+
+    return load_judge(name, JudgeSettings(server_url=server, api_key=api_key, model=model))
+
+
 def votes_simulate(
     ctx: typer.Context,
     names: List[str] = NAMES_ARGUMENT,
@@ -187,22 +206,27 @@ def votes_simulate(
     no_base: bool = NO_BASE_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and pairings."),
     api_key: str = API_KEY_OPTION,
+    judge_name: str = JUDGE_OPTION,
+    judge_model: Optional[str] = JUDGE_MODEL_OPTION,
+    judge_server: Optional[str] = JUDGE_SERVER_OPTION,
 ):
-    """Vote with the rule-based pirate judge (an answer opening with "Arr" wins) through the arena's own vote path."""
+    """Vote with a judge (default: the rule-based pirate judge) through the arena's own vote path. The votes' session
+    ids read judge-NAME-..., so a judge's votes stay apart from people's."""
     from rich.progress import track
 
-    from loraflow.arena.judge import prompts_from, simulate_votes
+    from loraflow.arena.judge import judge_session, prompts_from, simulate_votes
 
+    voter = _judge(judge_name, judge_model, judge_server or server, api_key)
     built = _arena(ctx, names, server, votes, base, no_base, api_key, SIMULATED_MAX_TOKENS, None)
     outcomes: dict[str, int] = {}
     batch = 10
-    for start in track(range(0, rounds, batch), description=f"simulated votes ({rounds} rounds)"):
-        session = f"simulated-{seed}-{start}"
+    for start in track(range(0, rounds, batch), description=f"{voter.name} judge's votes ({rounds} rounds)"):
+        session = judge_session(voter.name, seed, start)
         count = min(batch, rounds - start)
-        report = simulate_votes(built, prompts_from(prompts), count, seed=seed + start, session_id=session)
+        report = simulate_votes(built, prompts_from(prompts), count, seed=seed + start, session_id=session, judge=voter)
         for outcome, count in report.outcomes.items():
             outcomes[outcome] = outcomes.get(outcome, 0) + count
-    typer.echo(json.dumps({"rounds": rounds, "outcomes": outcomes}))
+    typer.echo(json.dumps({"judge": voter.name, "rounds": rounds, "outcomes": outcomes}))
 
 
 def votes_leaderboard(
@@ -210,28 +234,33 @@ def votes_leaderboard(
     names: List[str] = typer.Argument(..., help="Adapter names whose lineage to show."),
     votes: Optional[str] = VOTES_OPTION,
 ):
-    """Print Elo and Bradley-Terry ratings (95% bootstrap intervals), vote counts and lineage."""
+    """Print Bradley-Terry ratings, raw and style-controlled (95% intervals), online Elo, vote counts and lineage."""
     from rich.console import Console
     from rich.table import Table
 
-    from loraflow.arena.ratings import leaderboard
+    from loraflow.arena.ratings import Ratings
     from loraflow.arena.votes import VoteStore
 
     store = VoteStore(votes, rate_limit=None, create=False)
     registry = registry_from(ctx)
     for name in names:
         registry.versions(name)  # an unknown name fails before the ratings are computed
-    table = Table("contestant", "Elo", "Bradley-Terry (95% CI)", "votes", "W/L/D")
-    for rating in leaderboard(store.votes(), 200):
+    board = Ratings().add(store.votes()).fit()
+    table = Table("contestant", "Bradley-Terry (95% CI)", "style-controlled (95% CI)", "Elo", "votes", "W/L/D")
+    for rating in board.ratings:
         table.add_row(
             rating.contestant,
-            f"{rating.elo:.0f}",
             f"{rating.bt:.0f} ({rating.bt_low:.0f}-{rating.bt_high:.0f})",
+            f"{rating.style_bt:.0f} ({rating.style_low:.0f}-{rating.style_high:.0f})",
+            f"{rating.elo:.0f}",
             str(rating.votes),
             f"{rating.wins}/{rating.losses}/{rating.draws}",
         )
     console = Console()
     console.print(table)
+    if board.votes:
+        effects = ", ".join(f"{e.feature} {e.elo:+.0f} ({e.low:.0f} to {e.high:.0f})" for e in board.style)
+        console.print(f"style effects, Elo per standard deviation (95% CI): {effects}")
     for name in names:
         console.print("lineage: " + " -> ".join(v.ref for v in registry.lineage(f"{name}@latest")))
 
@@ -244,20 +273,27 @@ def judge(
     ),
     server: str = SERVER_OPTION,
     api_key: str = API_KEY_OPTION,
+    judge_name: str = JUDGE_OPTION,
+    judge_model: Optional[str] = JUDGE_MODEL_OPTION,
+    judge_server: Optional[str] = JUDGE_SERVER_OPTION,
 ):
-    """Compare two served models on held-out prompts under the rule-based pirate judge (greedy answers)."""
+    """Compare two served models' greedy answers on held-out prompts under a judge (default: the pirate rule)."""
     from openai import OpenAI
 
     from loraflow.arena.judge import compare, prompts_from
 
+    voter = _judge(judge_name, judge_model, judge_server or server, api_key)
     client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key)
-    result = compare(client, model_a, model_b, prompts_from(prompts))
+    result = compare(client, model_a, model_b, prompts_from(prompts), judge=voter)
     typer.echo(
         f"{result.prompts} held-out prompts, answers opening with Arr: "
         f"{model_a} {result.pirate_a}, {model_b} {result.pirate_b}"
     )
     decisive = result.wins_a + result.wins_b
-    typer.echo(f"head to head: {model_b} won {result.wins_b} of {decisive} decisive ({result.win_rate_b:.0%})")
+    typer.echo(
+        f"head to head ({result.judge} judge): {model_b} won {result.wins_b} of {decisive} decisive "
+        f"({result.win_rate_b:.0%})"
+    )
 
 
 def parse_settings(items: List[str]) -> dict:

@@ -1,6 +1,9 @@
-"""A rule-based judge and a simulated voter for the pirate task: an answer that opens with "Arr" is better.
+"""Judges, the simulated voter that votes with one, and `compare`, which scores two served models with one.
 
-The voter plays rounds through `Arena.play` and `Arena.vote`, the same calls the Gradio buttons make.
+A judge is a plugin (the `register_judges` hook): `pirate`, the rule-based judge below (an answer that opens
+with "Arr" is better), and `llm` (loraflow.arena.llm_judge) are built in. The voter plays rounds through
+`Arena.play` and `Arena.vote`, the same calls the Gradio buttons make, under session ids `judge-NAME-...`,
+so a judge's votes can always be told apart from a person's.
 """
 
 from __future__ import annotations
@@ -10,21 +13,80 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
-from loraflow.arena.rounds import Arena
+from loraflow.hub.errors import LoraflowError
+from loraflow.hub.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from loraflow.arena.rounds import Arena
+
+DEFAULT_JUDGE = "pirate"
+JUDGE_SESSION_PREFIX = "judge-"
 
 
 def is_pirate(answer: str) -> bool:
     return answer.lstrip().lower().startswith("arr")
 
 
-def judge(answer_a: str, answer_b: str) -> str:
+def pirate_rule(answer_a: str, answer_b: str) -> str:
     """'a' or 'b' when exactly one answer opens with Arr, 'both_bad' when neither does, 'tie' when both do."""
     a, b = is_pirate(answer_a), is_pirate(answer_b)
     if a != b:
         return "a" if a else "b"
     return "tie" if a else "both_bad"
+
+
+judge = pirate_rule  # the name the arena tests import the rule by
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """What a judge may need: the model it asks and where that model is served (the rule-based judges ignore it)."""
+
+    server_url: str = "http://127.0.0.1:8000"
+    api_key: str = "EMPTY"
+    model: Optional[str] = None
+
+
+class Judge(Protocol):
+    name: str
+    description: str
+
+    def judge(self, prompt: str, answer_a: str, answer_b: str) -> str: ...
+
+
+class PirateJudge:
+    name = "pirate"
+    description = 'Rule-based: an answer that opens with "Arr" beats one that does not; neither is both_bad.'
+
+    def __init__(self, settings: JudgeSettings | None = None):
+        pass
+
+    def judge(self, prompt: str, answer_a: str, answer_b: str) -> str:
+        return pirate_rule(answer_a, answer_b)
+
+
+def load_judge(name: str = DEFAULT_JUDGE, settings: JudgeSettings | None = None) -> Judge:
+    """The installed judge called `name`, built with `settings`; an unknown name fails naming the installed ones."""
+    from loraflow.hub.plugins import get_plugins
+
+    return get_plugins().judge(name).judge_class(settings or JudgeSettings())
+
+
+def verdict(judge: Judge, prompt: str, answer_a: str, answer_b: str) -> str:
+    """The judge's outcome, checked: a plugin that answers anything but a vote outcome is named in the error."""
+    from loraflow.arena.votes import OUTCOMES
+
+    outcome = judge.judge(prompt, answer_a, answer_b)
+    if outcome not in OUTCOMES:
+        raise LoraflowError(f"judge {judge.name!r} returned {outcome!r}; a judge returns one of {', '.join(OUTCOMES)}.")
+    return outcome
+
+
+def judge_session(judge_name: str, *parts: object) -> str:
+    """The session id a judge votes under: `judge-NAME-...`, so AI and human votes can be kept apart."""
+    return "-".join([f"{JUDGE_SESSION_PREFIX}{judge_name}", *map(str, parts)])
 
 
 @dataclass(frozen=True)
@@ -40,16 +102,20 @@ def simulate_votes(
     rounds: int,
     seed: int = 0,
     parallel: int = 4,
-    session_id: str = "simulated-voter",
+    session_id: str | None = None,
+    judge: Judge | None = None,
 ) -> VoterReport:
-    """Play `rounds` rounds on prompts drawn from `prompts`, several at once, and vote on each as the judge says."""
+    """Play `rounds` rounds on prompts drawn from `prompts`, several at once, and vote on each as `judge` says
+    (the pirate judge by default), under session ids `session_id-INDEX` (default `judge-NAME`)."""
+    judge = judge or PirateJudge()
+    session_id = session_id or judge_session(judge.name)
     rng = random.Random(seed)
     plan = [(index, rng.choice(prompts), random.Random(rng.random())) for index in range(rounds)]
 
     def one(item):
         index, prompt, round_rng = item
         played = arena.play(prompt, round_rng)
-        outcome = judge(*played.answers)
+        outcome = verdict(judge, played.prompt, *played.answers)
         # One simulated visitor per round, as many people voting would be; the per-session limit still applies.
         return arena.vote(played, outcome, f"{session_id}-{index}"), outcome
 
@@ -86,6 +152,7 @@ class Comparison:
     pirate_b: int
     wins_a: int
     wins_b: int
+    judge: str = DEFAULT_JUDGE
 
     @property
     def win_rate_b(self) -> float:
@@ -94,8 +161,12 @@ class Comparison:
         return self.wins_b / decisive if decisive else 0.5
 
 
-def compare(client, model_a: str, model_b: str, prompts: Sequence[str], max_tokens: int = 24) -> Comparison:
-    """Ask both models every prompt (temperature 0) through the serving endpoint and count the judge's verdicts."""
+def compare(
+    client, model_a: str, model_b: str, prompts: Sequence[str], max_tokens: int = 24, judge: Judge | None = None
+) -> Comparison:
+    """Ask both models every prompt (temperature 0) through the serving endpoint and count `judge`'s verdicts
+    (the pirate judge by default)."""
+    judge = judge or PirateJudge()
 
     def answer(model: str, prompt: str) -> str:
         response = client.chat.completions.create(
@@ -106,7 +177,7 @@ def compare(client, model_a: str, model_b: str, prompts: Sequence[str], max_toke
     with ThreadPoolExecutor(8) as pool:
         answers_a = list(pool.map(lambda prompt: answer(model_a, prompt), prompts))
         answers_b = list(pool.map(lambda prompt: answer(model_b, prompt), prompts))
-    verdicts = [judge(a, b) for a, b in zip(answers_a, answers_b)]
+        verdicts = list(pool.map(lambda item: verdict(judge, *item), zip(prompts, answers_a, answers_b)))
     return Comparison(
         model_a=model_a,
         model_b=model_b,
@@ -115,4 +186,10 @@ def compare(client, model_a: str, model_b: str, prompts: Sequence[str], max_toke
         pirate_b=sum(map(is_pirate, answers_b)),
         wins_a=verdicts.count("a"),
         wins_b=verdicts.count("b"),
+        judge=judge.name,
     )
+
+
+@hookimpl
+def register_judges(register) -> None:
+    register(PirateJudge)

@@ -1,15 +1,28 @@
-"""Ratings from votes: online Elo, Bradley-Terry with bootstrap confidence intervals, and their history.
+"""Ratings from votes: online Elo, Bradley-Terry with and without style control, their intervals and history.
 
-Ties and both-bad votes count as a draw (half a win each), as in Chatbot Arena's analysis.
-Bradley-Terry is fitted with Hunter's MM algorithm and reported on the Elo scale (400 points = 10:1 odds).
+Ties and both-bad votes count as a draw (half a win each), as in Chatbot Arena's analysis. Bradley-Terry is a
+logistic regression on contestant indicators, fitted by Newton's method and reported on the Elo scale (400 points
+= 10:1 odds). The style-controlled fit adds Chatbot Arena's style covariates: for answer length and the markdown
+header, list item and bold counts, the normalized difference (a - b) / (a + b), standardized over the votes.
+
+Intervals come from the curvature of the fitted log-posterior (a Laplace approximation), not from a bootstrap:
+a bootstrap of one vote resamples that vote every time and shows a zero-width interval. Each contestant also
+plays a prior draw against a virtual average player, so a handful of votes gives a wide, finite interval.
+
+`Ratings` keeps what the fits need and takes new votes only; `LiveLeaderboard` refits it in a background
+thread, so a page that shows the leaderboard reads the last fit and never computes one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import re
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from statistics import NormalDist
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -18,6 +31,18 @@ from loraflow.arena.votes import Vote
 ELO_START = 1000.0
 ELO_K = 32.0
 SCALE = 400.0 / math.log(10)
+LEVEL = 0.95
+PRIOR = 0.5  # one virtual draw per contestant, as half a win and half a loss
+STYLE_PRECISION = 1.0  # a N(0, 1) prior on each style coefficient (logits per standard deviation)
+STYLE_FEATURES = ("length", "headers", "list items", "bold")
+SCORES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
+PLOT_POINTS = 500  # per contestant; keeps drawing the plot constant work however many votes there are
+
+HEADER = re.compile(r"^ {0,3}#{1,6}\s", re.MULTILINE)
+LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s", re.MULTILINE)
+BOLD = re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,148 +55,415 @@ class Match:
 
 @dataclass(frozen=True)
 class Rating:
+    """One contestant's row: Bradley-Terry raw and style-controlled, each with its 95% interval."""
+
     contestant: str
     elo: float
     bt: float
     bt_low: float
     bt_high: float
+    style_bt: float
+    style_low: float
+    style_high: float
     votes: int
     wins: int
     losses: int
     draws: int
 
 
+@dataclass(frozen=True)
+class StyleEffect:
+    """How much one standard deviation of a style covariate is worth, in Elo points, with its 95% interval."""
+
+    feature: str
+    elo: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Board:
+    """One finished fit: what the leaderboard shows. `last_seq` is the newest vote it includes."""
+
+    ratings: tuple[Rating, ...] = ()
+    style: tuple[StyleEffect, ...] = ()
+    votes: int = 0
+    last_seq: int = 0
+    elo_series: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = field(default_factory=dict)
+
+
 def matches_from_votes(votes: Sequence[Vote]) -> list[Match]:
-    score = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
-    return [Match(v.contestant_a, v.contestant_b, score[v.outcome], v.seq) for v in votes]
+    return [Match(v.contestant_a, v.contestant_b, SCORES[v.outcome], v.seq) for v in votes]
 
 
 def online_elo(matches: Sequence[Match], k: float = ELO_K) -> dict[str, float]:
     return elo_history(matches, k)[-1][1] if matches else {}
 
 
+def _elo_step(ratings: dict[str, float], match: Match, k: float) -> None:
+    ra = ratings.setdefault(match.a, ELO_START)
+    rb = ratings.setdefault(match.b, ELO_START)
+    expected_a = 1.0 / (1.0 + 10 ** ((rb - ra) / 400.0))
+    ratings[match.a] = ra + k * (match.score_a - expected_a)
+    ratings[match.b] = rb - k * (match.score_a - expected_a)
+
+
 def elo_history(matches: Sequence[Match], k: float = ELO_K) -> list[tuple[int, dict[str, float]]]:
-    """Every contestant's Elo after each match, in vote order: the data behind the plot."""
+    """Every contestant's Elo after each match, in vote order."""
     ratings: dict[str, float] = {}
     history = []
     for match in matches:
-        ra = ratings.setdefault(match.a, ELO_START)
-        rb = ratings.setdefault(match.b, ELO_START)
-        expected_a = 1.0 / (1.0 + 10 ** ((rb - ra) / 400.0))
-        ratings[match.a] = ra + k * (match.score_a - expected_a)
-        ratings[match.b] = rb - k * (match.score_a - expected_a)
+        _elo_step(ratings, match, k)
         history.append((match.seq, dict(ratings)))
     return history
 
 
-def _encode(matches: Sequence[Match]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def style_counts(answer: str) -> tuple[int, int, int, int]:
+    """Length in characters, markdown headers, list items and bold spans of one answer."""
+    return len(answer), len(HEADER.findall(answer)), len(LIST_ITEM.findall(answer)), len(BOLD.findall(answer))
+
+
+def style_difference(answer_a: str, answer_b: str) -> tuple[float, ...]:
+    """(a - b) / (a + b) per style feature; 0 where neither answer has any."""
+    pairs = zip(style_counts(answer_a), style_counts(answer_b))
+    return tuple((a - b) / (a + b) if a + b else 0.0 for a, b in pairs)
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    params: np.ndarray  # contestant log-strengths, then style coefficients
+    covariance: np.ndarray
+
+
+def _fit_logistic(
+    n: int,
+    first: np.ndarray,
+    second: np.ndarray,
+    score: np.ndarray,
+    games: np.ndarray,
+    features: np.ndarray,
+    prior: float,
+    start: np.ndarray | None = None,
+) -> _Fit:
+    """Maximum a posteriori Bradley-Terry by Newton's method, with the inverse Hessian as the covariance.
+
+    Row r is `games[r]` games of `first[r]` against `second[r]` scoring `score[r]` in total, with style covariates
+    `features[r]`. Each contestant plays `2 * prior` virtual games against a player at 0 scoring half of them;
+    each style coefficient has a N(0, 1 / STYLE_PRECISION) prior."""
+    d = features.shape[1]
+    size = n + d
+    params = np.zeros(size) if start is None else start.astype(float).copy()
+    pseudo_games, pseudo_score = 2.0 * prior, prior
+    # Without a prior only differences are identified; pin the mean at 0, which the likelihood ignores.
+    gauge = 1.0 if prior == 0 else 0.0
+
+    def objective(p: np.ndarray) -> float:
+        theta, gamma = p[:n], p[n:]
+        eta = theta[first] - theta[second] + features @ gamma
+        value = score @ _log_sigmoid(eta) + (games - score) @ _log_sigmoid(-eta)
+        value += pseudo_score * (_log_sigmoid(theta).sum() + _log_sigmoid(-theta).sum())
+        return value - 0.5 * STYLE_PRECISION * gamma @ gamma - 0.5 * gauge * theta.sum() ** 2
+
+    pair = first * n + second  # the cell of the (A, B) block of the Hessian
+
+    def by_contestant(values: np.ndarray) -> np.ndarray:
+        """Each contestant's sum of `values` over its rows, added as A and subtracted as B."""
+        return np.bincount(first, values, n) - np.bincount(second, values, n)
+
+    def gradient_and_hessian(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        theta, gamma = p[:n], p[n:]
+        eta = theta[first] - theta[second] + features @ gamma
+        probability = 1.0 / (1.0 + np.exp(-eta))
+        residual = score - games * probability
+        weight = games * probability * (1.0 - probability)
+        gradient = np.concatenate([by_contestant(residual), features.T @ residual - STYLE_PRECISION * gamma])
+        hessian = np.zeros((size, size))
+        between = np.bincount(pair, weight, n * n).reshape(n, n)
+        hessian[:n, :n] = np.diag(between.sum(axis=0) + between.sum(axis=1)) - between - between.T
+        weighted = features * weight[:, None]
+        cross = np.stack([by_contestant(column) for column in weighted.T], axis=1) if d else np.zeros((n, 0))
+        hessian[:n, n:] = cross
+        hessian[n:, :n] = cross.T
+        hessian[n:, n:] = features.T @ weighted + STYLE_PRECISION * np.eye(d)
+        virtual = 1.0 / (1.0 + np.exp(-theta))
+        gradient[:n] += pseudo_score - pseudo_games * virtual - gauge * theta.sum()
+        hessian[:n, :n] += np.diag(pseudo_games * virtual * (1.0 - virtual)) + gauge
+        return gradient, hessian
+
+    current = objective(params)
+    for _ in range(100):
+        gradient, hessian = gradient_and_hessian(params)
+        step = np.linalg.solve(hessian, gradient)
+        scale = 1.0
+        while True:  # Newton can overshoot far from the optimum; halve the step until it improves
+            trial = params + scale * step
+            value = objective(trial)
+            if value >= current - 1e-12 or scale < 1e-6:
+                break
+            scale /= 2
+        params, current = trial, value
+        if np.max(np.abs(scale * step)) < 1e-9:
+            break
+    _, hessian = gradient_and_hessian(params)
+    return _Fit(params, np.linalg.inv(hessian))
+
+
+def _centred(fit: _Fit, n: int, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Elo-scale ratings around a mean of ELO_START and the half-width of their intervals."""
+    theta = fit.params[:n]
+    contrast = np.eye(n) - 1.0 / n  # rating minus the mean rating
+    variance = np.einsum("ij,jk,ik->i", contrast, fit.covariance[:n, :n], contrast)
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    return ELO_START + SCALE * (theta - theta.mean()), z * SCALE * np.sqrt(np.maximum(variance, 0.0))
+
+
+def bradley_terry(matches: Sequence[Match], prior: float = PRIOR) -> dict[str, float]:
+    """Strengths on the Elo scale, mean 1000. `prior` adds a draw against a virtual average player for each
+    contestant (half a win per 0.5), so one that never lost still gets a finite rating."""
+    if not matches:
+        return {}
     names = sorted({m.a for m in matches} | {m.b for m in matches})
     index = {name: i for i, name in enumerate(names)}
-    first = np.array([index[m.a] for m in matches], dtype=int)
-    second = np.array([index[m.b] for m in matches], dtype=int)
-    return names, first, second, np.array([m.score_a for m in matches], dtype=float)
+    first = np.array([index[m.a] for m in matches])
+    second = np.array([index[m.b] for m in matches])
+    score = np.array([m.score_a for m in matches], dtype=float)
+    fit = _fit_logistic(len(names), first, second, score, np.ones(len(matches)), np.zeros((len(matches), 0)), prior)
+    centre, _ = _centred(fit, len(names), LEVEL)
+    return {name: float(centre[i]) for i, name in enumerate(names)}
 
 
-def _fit_bt(
-    n: int, first: np.ndarray, second: np.ndarray, score: np.ndarray, iterations: int, prior: float
-) -> np.ndarray:
-    """Hunter's MM updates; returns log-strengths centred on zero."""
-    wins = np.full(n, prior)
-    np.add.at(wins, first, score)
-    np.add.at(wins, second, 1.0 - score)
-    games = np.zeros((n, n))
-    np.add.at(games, (first, second), 1.0)
-    games += games.T
-    strength = np.ones(n)
-    for _ in range(iterations):
-        denominator = (games / (strength[:, None] + strength[None, :])).sum(axis=1) + 2 * prior / (strength + 1.0)
-        updated = np.maximum(wins / denominator, 1e-12)
-        converged = np.allclose(updated, strength, rtol=1e-9, atol=0)
-        strength = updated
-        if converged:
-            break
-    log_strength = np.log(strength)
-    return log_strength - log_strength.mean()
+class Ratings:
+    """What the fits need, kept up to date one vote at a time: per-pair games and scores for the raw fit, one
+    row of style differences per vote for the style-controlled fit, tallies and online Elo. `fit` starts from the
+    previous fit, so refitting after a few new votes takes a Newton step or two."""
+
+    def __init__(self, prior: float = PRIOR, level: float = LEVEL):
+        self.prior, self.level = prior, level
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+        self.last_seq = 0
+        self.count = 0
+        self._pair_games = np.zeros((0, 0))
+        self._pair_score = np.zeros((0, 0))
+        self._first = np.zeros(0, dtype=int)
+        self._second = np.zeros(0, dtype=int)
+        self._score = np.zeros(0)
+        self._style = np.zeros((0, len(STYLE_FEATURES)))
+        self._tallies: list[list[int]] = []  # wins, losses, draws
+        self._elo: dict[str, float] = {}
+        self._series: dict[str, tuple[list[int], list[float]]] = {}
+        self._raw_theta = np.zeros(0)  # the previous fits, where the next ones start
+        self._style_theta = np.zeros(0)
+        self._style_gamma = np.zeros(len(STYLE_FEATURES))
+
+    def _contestant(self, name: str) -> int:
+        if name not in self._index:
+            self._index[name] = len(self.names)
+            self.names.append(name)
+            self._tallies.append([0, 0, 0])
+            self._pair_games = np.pad(self._pair_games, ((0, 1), (0, 1)))
+            self._pair_score = np.pad(self._pair_score, ((0, 1), (0, 1)))
+            self._raw_theta = np.append(self._raw_theta, 0.0)
+            self._style_theta = np.append(self._style_theta, 0.0)
+            self._series[name] = ([self.count], [ELO_START])  # every contestant enters at the starting rating
+        return self._index[name]
+
+    def add(self, votes: Sequence[Vote]) -> Ratings:
+        """Take votes not seen before, in seq order (the caller reads them with `after_seq=self.last_seq`)."""
+        first, second, score, style = [], [], [], []
+        for vote in votes:
+            a, b, s = self._contestant(vote.contestant_a), self._contestant(vote.contestant_b), SCORES[vote.outcome]
+            self._pair_games[a, b] += 1
+            self._pair_score[a, b] += s
+            first.append(a)
+            second.append(b)
+            score.append(s)
+            style.append(style_difference(vote.answer_a, vote.answer_b))
+            if s == 0.5:
+                self._tallies[a][2] += 1
+                self._tallies[b][2] += 1
+            else:
+                winner, loser = (a, b) if s == 1.0 else (b, a)
+                self._tallies[winner][0] += 1
+                self._tallies[loser][1] += 1
+            self.count += 1
+            _elo_step(self._elo, Match(vote.contestant_a, vote.contestant_b, s), ELO_K)
+            for name in (vote.contestant_a, vote.contestant_b):
+                numbers, values = self._series[name]
+                numbers.append(self.count)
+                values.append(self._elo[name])
+            self.last_seq = max(self.last_seq, vote.seq)
+        if first:
+            self._first = np.concatenate([self._first, first])
+            self._second = np.concatenate([self._second, second])
+            self._score = np.concatenate([self._score, score])
+            self._style = np.concatenate([self._style, np.array(style, dtype=float)])
+        return self
+
+    def _fit_raw(self) -> _Fit:
+        first, second = np.nonzero(self._pair_games)
+        games, score = self._pair_games[first, second], self._pair_score[first, second]
+        n = len(self.names)
+        return _fit_logistic(n, first, second, score, games, np.zeros((len(games), 0)), self.prior, self._raw_theta)
+
+    def _fit_style(self) -> _Fit:
+        spread = self._style.std(axis=0)
+        standardized = (self._style - self._style.mean(axis=0)) / np.where(spread > 1e-12, spread, 1.0)
+        n = len(self.names)
+        start = np.concatenate([self._style_theta, self._style_gamma])
+        games = np.ones(len(self._score))
+        return _fit_logistic(n, self._first, self._second, self._score, games, standardized, self.prior, start)
+
+    def fit(self) -> Board:
+        if not self.names:
+            return Board()
+        n = len(self.names)
+        raw, styled = self._fit_raw(), self._fit_style()
+        self._raw_theta, self._style_theta, self._style_gamma = raw.params, styled.params[:n], styled.params[n:]
+        bt, bt_width = _centred(raw, n, self.level)
+        style_bt, style_width = _centred(styled, n, self.level)
+        rows = []
+        for i, name in enumerate(self.names):
+            won, lost, drawn = self._tallies[i]
+            rows.append(
+                Rating(
+                    name,
+                    self._elo[name],
+                    float(bt[i]),
+                    float(bt[i] - bt_width[i]),
+                    float(bt[i] + bt_width[i]),
+                    float(style_bt[i]),
+                    float(style_bt[i] - style_width[i]),
+                    float(style_bt[i] + style_width[i]),
+                    won + lost + drawn,
+                    won,
+                    lost,
+                    drawn,
+                )
+            )
+        z = NormalDist().inv_cdf((1 + self.level) / 2)
+        effects = []
+        for j, feature in enumerate(STYLE_FEATURES):
+            coefficient, spread = styled.params[n + j], math.sqrt(styled.covariance[n + j, n + j])
+            low, high = coefficient - z * spread, coefficient + z * spread
+            effects.append(StyleEffect(feature, float(SCALE * coefficient), float(SCALE * low), float(SCALE * high)))
+        series = {name: _thinned(numbers, values) for name, (numbers, values) in self._series.items()}
+        ranked = tuple(sorted(rows, key=lambda row: row.bt, reverse=True))
+        return Board(ranked, tuple(effects), self.count, self.last_seq, series)
 
 
-def bradley_terry(matches: Sequence[Match], iterations: int = 200, prior: float = 0.5) -> dict[str, float]:
-    """Maximum-likelihood strengths on the Elo scale, mean 1000. `prior` adds a draw against a virtual average
-    player for each contestant, so one that never lost still gets a finite rating."""
-    if not matches:
-        return {}
-    names, first, second, score = _encode(matches)
-    fitted = _fit_bt(len(names), first, second, score, iterations, prior)
-    return {name: ELO_START + SCALE * float(fitted[i]) for i, name in enumerate(names)}
+def _thinned(numbers: list[int], values: list[float]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    stride = max(1, math.ceil(len(numbers) / PLOT_POINTS))
+    picked = list(range(0, len(numbers), stride))
+    if picked[-1] != len(numbers) - 1:
+        picked.append(len(numbers) - 1)
+    return tuple(numbers[i] for i in picked), tuple(values[i] for i in picked)
 
 
-def bootstrap_bt(
-    matches: Sequence[Match], rounds: int = 200, seed: int = 0, level: float = 0.95
-) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of the Bradley-Terry rating over resamples of the matches."""
-    if not matches:
-        return {}
-    names, first, second, score = _encode(matches)
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(rounds):
-        picked = rng.integers(0, len(matches), len(matches))
-        # A contestant missing from a resample has no rating in it; its interval comes from the others.
-        present = np.zeros(len(names), dtype=bool)
-        present[first[picked]] = present[second[picked]] = True
-        fitted = ELO_START + SCALE * _fit_bt(len(names), first[picked], second[picked], score[picked], 200, 0.5)
-        samples.append(np.where(present, fitted, np.nan))
-    stacked = np.array(samples)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.nanpercentile(stacked, tail, axis=0), np.nanpercentile(stacked, 100 - tail, axis=0)
-    return {name: (float(low[i]), float(high[i])) for i, name in enumerate(names)}
+def leaderboard(votes: Sequence[Vote]) -> list[Rating]:
+    """One row per contestant, best raw Bradley-Terry rating first: a full fit of `votes`."""
+    return list(Ratings().add(votes).fit().ratings)
 
 
-def leaderboard(votes: Sequence[Vote], bootstrap_rounds: int = 200, seed: int = 0) -> list[Rating]:
-    """One row per contestant, best Bradley-Terry rating first."""
-    matches = matches_from_votes(votes)
-    elo = online_elo(matches)
-    bt = bradley_terry(matches)
-    intervals = bootstrap_bt(matches, bootstrap_rounds, seed)
-    tallies: dict[str, list[int]] = {name: [0, 0, 0] for name in bt}
-    for match in matches:
-        if match.score_a == 0.5:
-            tallies[match.a][2] += 1
-            tallies[match.b][2] += 1
-        else:
-            winner, loser = (match.a, match.b) if match.score_a == 1.0 else (match.b, match.a)
-            tallies[winner][0] += 1
-            tallies[loser][1] += 1
-    rows = []
-    for name in bt:
-        low, high = intervals.get(name, (bt[name], bt[name]))
-        won, lost, drawn = tallies[name]
-        # A resample can miss a contestant's strongest votes; keep the point estimate inside its own interval.
-        low, high = min(low, bt[name]), max(high, bt[name])
-        rows.append(Rating(name, elo[name], bt[name], low, high, won + lost + drawn, won, lost, drawn))
-    return sorted(rows, key=lambda row: row.bt, reverse=True)
+class LiveLeaderboard:
+    """Keeps a `Ratings` current with a vote store: a daemon thread reads the votes after the last one it saw and
+    refits when there are any. `latest` returns the last finished fit and never computes; `wake` asks for a
+    refit now (after a vote) instead of at the next poll."""
+
+    def __init__(self, read_votes: Callable[..., list[Vote]], poll_s: float = 2.0):
+        self._read_votes = read_votes  # VoteStore.votes: called with after_seq=
+        self.poll_s = poll_s
+        self._ratings = Ratings()
+        self._board: Board | None = None
+        self._refit_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> Board:
+        """Read the new votes and refit; the thread's loop, and a direct call where the caller must see every vote."""
+        with self._refit_lock:
+            new = self._read_votes(after_seq=self._ratings.last_seq)
+            if new or self._board is None:
+                self._board = self._ratings.add(new).fit()
+            return self._board
+
+    def latest(self) -> Board | None:
+        """The last fit, or None before the first one finished; starts the thread on first use."""
+        self._start()
+        return self._board
+
+    def wake(self) -> None:
+        self._start()
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="leaderboard", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # a locked or unreachable database: keep showing the last fit, try again later
+                log.exception("refitting the leaderboard failed; showing the previous ratings")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
 
 
-def plot_elo_history(votes: Sequence[Vote], path: str | Path | None = None, title: str = "Elo per version over votes"):
-    """A matplotlib figure of each contestant's Elo after every vote; saved as PNG when `path` is given."""
+def elo_series(matches: Sequence[Match]) -> dict[str, tuple[tuple[int, ...], tuple[float, ...]]]:
+    """Each contestant's Elo at the votes that changed it, numbered from 1, starting at ELO_START."""
+    ratings: dict[str, float] = {}
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for number, match in enumerate(matches, 1):
+        for name in (match.a, match.b):
+            series.setdefault(name, ([number - 1], [ELO_START]))
+        _elo_step(ratings, match, ELO_K)
+        for name in (match.a, match.b):
+            series[name][0].append(number)
+            series[name][1].append(ratings[name])
+    return {name: (tuple(numbers), tuple(values)) for name, (numbers, values) in series.items()}
+
+
+def plot_elo_series(
+    series: dict[str, tuple[Sequence[int], Sequence[float]]],
+    path: str | Path | None = None,
+    title: str = "Elo per version over votes",
+):
+    """A matplotlib figure of each contestant's Elo over votes; saved as PNG when `path` is given."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    history = elo_history(matches_from_votes(votes))
     figure = Figure(figsize=(7, 3.5), dpi=100)
     axes = figure.add_subplot()
-    names = sorted({name for _, ratings in history for name in ratings})
-    for name in names:
-        points = [(number, ratings[name]) for number, (_, ratings) in enumerate(history, 1) if name in ratings]
-        points.insert(0, (points[0][0] - 1, ELO_START))  # every contestant enters at the starting rating
-        axes.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="." if len(points) < 30 else None)
+    for name in sorted(series):
+        numbers, values = series[name]
+        marker = "." if len(numbers) < 30 else None
+        axes.plot(numbers, values, label=name, marker=marker, drawstyle="steps-post")
     axes.set_xlabel("votes")
     axes.set_ylabel("Elo")
     axes.set_title(title)
-    if names:
+    if series:
         axes.legend(loc="best", fontsize="small")
     figure.tight_layout()
     if path is not None:
         figure.savefig(path)
     return figure
+
+
+def plot_elo_history(votes: Sequence[Vote], path: str | Path | None = None, title: str = "Elo per version over votes"):
+    """The plot of `plot_elo_series` for a list of votes."""
+    return plot_elo_series(elo_series(matches_from_votes(votes)), path, title)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 from loraflow.arena.matchmaking import Pairing, choose_pair
-from loraflow.arena.ratings import Rating, leaderboard, matches_from_votes, online_elo
+from loraflow.arena.ratings import Board, LiveLeaderboard, Rating, matches_from_votes, online_elo
 from loraflow.arena.settings import ArenaSettings
 from loraflow.arena.votes import BASE_CONTESTANT, Recorded, Vote, VoteStore
 from loraflow.hub.registry import REJECTED, AdapterVersion, Registry
@@ -52,6 +52,7 @@ class Arena:
             base_url=settings.server_url.rstrip("/") + "/v1", api_key=settings.api_key, max_retries=2
         )
         self._base_model = settings.base_model
+        self.live_leaderboard = LiveLeaderboard(store.votes)
 
     def contestants(self) -> list[str]:
         """The base, each name's newest versions that were not rejected, and its live version even when older."""
@@ -160,8 +161,13 @@ class Arena:
             )
         )
 
-    def leaderboard(self, bootstrap_rounds: int = 200) -> list[Rating]:
-        return leaderboard(self.store.votes(), bootstrap_rounds)
+    def leaderboard(self) -> list[Rating]:
+        """Ratings that include every vote stored so far: reads the votes after the last fit and refits from it."""
+        return list(self.live_leaderboard.refresh().ratings)
+
+    def latest_board(self) -> Board | None:
+        """The background fit's last result, for a page: reads no votes and fits nothing (None before the first)."""
+        return self.live_leaderboard.latest()
 
     def lineages(self) -> list[list[str]]:
         return [[v.ref for v in self.registry.lineage(f"{name}@latest")] for name in self.settings.names]

@@ -11,7 +11,7 @@ import random
 
 import gradio as gr
 
-from loraflow.arena.ratings import plot_elo_history
+from loraflow.arena.ratings import plot_elo_series
 from loraflow.arena.rounds import Arena, Round
 from loraflow.hub.errors import LoraflowError
 
@@ -30,31 +30,65 @@ def vote_buttons_update(enabled: bool) -> list:
     return [gr.update(interactive=enabled) for _ in VOTE_BUTTONS]
 
 
-def leaderboard_view(arena: Arena) -> tuple[list[list], object, str]:
-    """Rows for the table, the Elo-over-votes figure, and each adapter's lineage as text."""
+def leaderboard_view(arena: Arena) -> tuple[list[list], object, str, str, int | None]:
+    """The table rows, the Elo-over-votes figure, the style effects, each adapter's lineage, and which fit this
+    is. Everything comes from the last background fit, so the work does not grow with the votes stored."""
+    board = arena.latest_board()
+    lineage = "\n".join(" → ".join(chain) for chain in arena.lineages()) or "no adapters yet"
+    if board is None:
+        return [], plot_elo_series({}), "Computing the ratings…", lineage, None
     rows = [
         [
             r.contestant,
             round(r.bt),
             f"{r.bt_low:.0f} – {r.bt_high:.0f}",
+            round(r.style_bt),
+            f"{r.style_low:.0f} – {r.style_high:.0f}",
             round(r.elo),
             r.votes,
             r.wins,
             r.losses,
             r.draws,
         ]
-        for r in arena.leaderboard()
+        for r in board.ratings
     ]
-    votes = arena.store.votes()
-    figure = plot_elo_history(votes)
-    lineage = "\n".join(" → ".join(chain) for chain in arena.lineages()) or "no adapters yet"
-    return rows, figure, lineage
+    effects = ", ".join(f"{e.feature} {e.elo:+.0f} ({e.low:.0f} – {e.high:.0f})" for e in board.style)
+    style = (
+        f"Ratings from {board.votes} vote{'' if board.votes == 1 else 's'}, refitted in the background as they arrive. "
+        f"Style-controlled ratings hold the style of the answers fixed; Elo points per standard deviation of "
+        f"each style difference (95% CI): {effects}."
+        if board.votes
+        else "No votes yet."
+    )
+    return rows, plot_elo_series(board.elo_series), style, lineage, board.last_seq
 
 
-LEADERBOARD_HEADERS = ["contestant", "Bradley-Terry", "95% CI", "online Elo", "votes", "wins", "losses", "draws"]
+def leaderboard_if_changed(arena: Arena, shown: int | None):
+    """The timer's tick: the view only when a newer fit finished than the one this page shows."""
+    board = arena.latest_board()
+    if board is None or board.last_seq == shown:
+        return (gr.skip(),) * 5
+    return leaderboard_view(arena)
+
+
+LEADERBOARD_HEADERS = [
+    "contestant",
+    "Bradley-Terry",
+    "95% CI",
+    "style-controlled",
+    "style-controlled 95% CI",
+    "online Elo",
+    "votes",
+    "wins",
+    "losses",
+    "draws",
+]
+LEADERBOARD_POLL_S = 3.0
 
 
 def build_arena(arena: Arena) -> gr.Blocks:
+    arena.live_leaderboard.wake()  # the first fit runs while the first visitor's page loads
+
     def stream_round(current: Round):
         try:
             for current in arena.stream_answers(current):
@@ -84,8 +118,8 @@ def build_arena(arena: Arena) -> gr.Blocks:
         stored = recorded.vote
         reveal = f"Model A was {stored.contestant_a}\nModel B was {stored.contestant_b}"
         status = "Vote recorded. Thank you!" if recorded.created_now else "This round's vote was already recorded."
-        rows, figure, lineage = leaderboard_view(arena)
-        return reveal, status, rows, figure, lineage, *vote_buttons_update(False)
+        arena.live_leaderboard.wake()  # the leaderboard tab's timer shows the refit when it is done
+        return reveal, status, *vote_buttons_update(False)
 
     def new_round():
         return None, "", "", "", "", "Type a prompt to start a new round.", *vote_buttons_update(False)
@@ -114,8 +148,11 @@ def build_arena(arena: Arena) -> gr.Blocks:
         with gr.Tab("Leaderboard", elem_id="leaderboard-tab"):
             table = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, elem_id="leaderboard")
             plot = gr.Plot(label="Elo per version over votes", elem_id="ratings-plot")
+            style = gr.Markdown(elem_id="style-effects")
             lineage = gr.Textbox(label="Lineage", interactive=False, elem_id="lineage")
             refresh = gr.Button("Refresh", elem_id="refresh")
+            shown_fit = gr.State(None)
+            timer = gr.Timer(LEADERBOARD_POLL_S)
 
         round_outputs = [current_round, answer_a, answer_b, reveal, status, *buttons]
         send.click(ask, prompt, round_outputs)
@@ -123,7 +160,9 @@ def build_arena(arena: Arena) -> gr.Blocks:
         regenerate_button.click(regenerate, current_round, round_outputs)
         new_round_button.click(new_round, None, [current_round, prompt, answer_a, answer_b, reveal, status, *buttons])
         for button in buttons:
-            button.click(vote, [button, current_round], [reveal, status, table, plot, lineage, *buttons])
-        refresh.click(lambda: leaderboard_view(arena), None, [table, plot, lineage])
-        blocks.load(lambda: leaderboard_view(arena), None, [table, plot, lineage])
+            button.click(vote, [button, current_round], [reveal, status, *buttons])
+        board_outputs = [table, plot, style, lineage, shown_fit]
+        refresh.click(lambda: leaderboard_view(arena), None, board_outputs)
+        blocks.load(lambda: leaderboard_view(arena), None, board_outputs)
+        timer.tick(lambda shown: leaderboard_if_changed(arena, shown), shown_fit, board_outputs, show_progress="hidden")
     return blocks

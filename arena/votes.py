@@ -2,6 +2,7 @@
 
 A vote carries an id the client made for its round, so a double click or a retry is stored once.
 `VoteStore.record` returns only after the transaction committed, so the UI acknowledges only what is on disk.
+Concurrent `record` calls in one process share a transaction (group commit): one commit for many votes.
 Each vote also gets `seq`, a number that grows with every insert; the loop cites vote ranges by it.
 """
 
@@ -9,14 +10,36 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from sqlalchemy import Float, Integer, String, Text, create_engine, event, func, inspect, select, union
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    union,
+)
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    StatementError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from loraflow.arena.settings import RateLimit
@@ -27,6 +50,7 @@ DECISIVE = ("a", "b")
 DEFAULT_DATABASE = "votes.db"
 BASE_CONTESTANT = "base"
 SQLITE_HEADER = b"SQLite format 3\x00"
+MAX_BATCH = 500  # votes per group commit; keeps `vote_id IN (...)` well under SQLite's variable limit
 DATABASE_HINT = "point --votes (or LORAFLOW_VOTES) at a vote database, or at a path that does not exist yet"
 READER_HINT = "point --votes (or LORAFLOW_VOTES) at the database `loraflow arena` stores votes in"
 
@@ -54,6 +78,17 @@ class VoteRow(Base):
     contestant_a: Mapped[str] = mapped_column(String(160), nullable=False, index=True)
     contestant_b: Mapped[str] = mapped_column(String(160), nullable=False, index=True)
     outcome: Mapped[str] = mapped_column(String(16), nullable=False)
+
+
+_VOTES = VoteRow.__table__
+# The write path's statements, built once: building a statement costs more CPU than SQLite takes to run it.
+_SELECT_BY_ID = select(_VOTES).where(_VOTES.c.vote_id.in_(bindparam("vote_ids", expanding=True)))
+_SELECT_RECENT = (
+    select(_VOTES.c.session_id, _VOTES.c.created)
+    .where(_VOTES.c.session_id.in_(bindparam("sessions", expanding=True)), _VOTES.c.created > bindparam("since"))
+    .order_by(_VOTES.c.created)
+)
+_INSERT_RETURNING = insert(_VOTES).returning(*_VOTES.c)
 
 
 @dataclass(frozen=True)
@@ -90,7 +125,8 @@ class RateLimited(LoraflowError):
     """This session voted more often than the store allows; the message says when to try again."""
 
 
-def _row_to_vote(row: VoteRow) -> Vote:
+def _row_to_vote(row) -> Vote:
+    """A Vote from a VoteRow or a Core row of the votes table."""
     return Vote(
         vote_id=row.vote_id,
         session_id=row.session_id,
@@ -175,8 +211,90 @@ def _engine_for(url: URL, synchronous: str):
         ) from None
 
 
+def _vote_row(vote: Vote, created: float) -> dict:
+    return {
+        "vote_id": vote.vote_id,
+        "created": created,
+        "session_id": vote.session_id,
+        "prompt": vote.prompt,
+        "answer_a": vote.answer_a,
+        "answer_b": vote.answer_b,
+        "contestant_a": vote.contestant_a,
+        "contestant_b": vote.contestant_b,
+        "outcome": vote.outcome,
+    }
+
+
+class _Waiter:
+    """One caller's vote in the queue; `ready` is set when it is to lead a commit, or when its result is in."""
+
+    def __init__(self, vote: Vote):
+        self.vote = vote
+        self.ready = threading.Event()
+        self.result: Recorded | BaseException | None = None
+
+
+class GroupCommit:
+    """Concurrent callers share one transaction. One caller at a time leads: it commits everything queued (its own
+    vote first), hands each caller its result, and passes the lead to the first caller that queued meanwhile. A lone
+    caller leads at once; there is no thread of its own and no timer."""
+
+    def __init__(self, commit_batch):
+        self._commit_batch = commit_batch  # list[Vote] -> list[Recorded | Exception], one per vote, after COMMIT
+        self._lock = threading.Lock()
+        self._queue: list[_Waiter] = []
+        self._leader: _Waiter | None = None
+        self._last_batch = 1
+
+    def submit(self, vote: Vote) -> Recorded:
+        waiter = _Waiter(vote)
+        with self._lock:
+            self._queue.append(waiter)
+            if self._leader is None:
+                self._pass_lead()
+        try:
+            waiter.ready.wait()
+            if waiter.result is None:  # this caller leads
+                self._commit_queue()
+        finally:
+            if waiter.result is None:  # interrupted (KeyboardInterrupt): leave the queue, and the lead to another
+                with self._lock:
+                    if waiter in self._queue:
+                        self._queue.remove(waiter)
+                    if self._leader is waiter:
+                        self._pass_lead()
+        if isinstance(waiter.result, BaseException):
+            raise waiter.result
+        return waiter.result
+
+    def _pass_lead(self) -> None:
+        self._leader = self._queue[0] if self._queue else None
+        if self._leader is not None:
+            self._leader.ready.set()
+
+    def _commit_queue(self) -> None:
+        # Callers woken by a shared commit tend to vote again at once: yield the GIL while they keep arriving (at
+        # most until as many as last time are queued), so they share this commit instead of each leading one alone.
+        queued = 0
+        while queued < len(self._queue) < self._last_batch:
+            queued = len(self._queue)
+            time.sleep(0)
+        with self._lock:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            self._last_batch = len(batch)
+        try:
+            results = self._commit_batch([waiter.vote for waiter in batch])
+        except BaseException as error:  # the whole batch failed (database gone, locked past the timeout, ...)
+            results = [error] * len(batch)
+        with self._lock:
+            for waiter, result in zip(batch, results, strict=True):
+                waiter.result = result
+                waiter.ready.set()
+            self._pass_lead()
+
+
 class VoteStore:
-    """All reads and writes of votes. Holds an engine, nothing else; safe to share between threads.
+    """All reads and writes of votes. Holds an engine and the group-commit queue; safe to share between threads.
 
     `create=False` is for readers (export, leaderboard): a missing database is an error instead of a new empty file."""
 
@@ -207,50 +325,92 @@ class VoteStore:
             reason = str(error.orig).strip().splitlines()[0] if error.orig else type(error).__name__
             message = f"{self.location}: cannot open the vote database ({reason}); {DATABASE_HINT}."
             raise LoraflowError(message) from None
+        self._group = GroupCommit(self._record_batch)
 
     def record(self, vote: Vote) -> Recorded:
-        """Store the vote once and commit; a repeated vote_id returns the stored vote unchanged."""
+        """Store the vote once and commit; a repeated vote_id returns the stored vote unchanged.
+
+        Raises RateLimited when the vote's session voted too often; other callers in the same group commit are
+        unaffected by this vote's refusal."""
         if vote.outcome not in OUTCOMES:
             raise LoraflowError(f"vote outcome {vote.outcome!r} is not one of {', '.join(OUTCOMES)}.")
         if vote.contestant_a == vote.contestant_b:
             raise LoraflowError(f"a vote compares two different contestants, not {vote.contestant_a} with itself.")
         if not vote.vote_id or len(vote.vote_id) > 64:
             raise LoraflowError("a vote needs an id of 1 to 64 characters (the client makes one per round).")
-        now = time.time()
-        try:
-            with Session(self.engine) as session, session.begin():
-                existing = session.scalar(select(VoteRow).where(VoteRow.vote_id == vote.vote_id))
-                if existing is not None:
-                    return Recorded(_row_to_vote(existing), created_now=False)
-                self._check_rate(session, vote.session_id, now)
-                row = VoteRow(
-                    vote_id=vote.vote_id,
-                    created=now,
-                    session_id=vote.session_id,
-                    prompt=vote.prompt,
-                    answer_a=vote.answer_a,
-                    answer_b=vote.answer_b,
-                    contestant_a=vote.contestant_a,
-                    contestant_b=vote.contestant_b,
-                    outcome=vote.outcome,
-                )
-                session.add(row)
-                session.flush()
-                stored = _row_to_vote(row)
-        except IntegrityError:
-            # Another writer (another UI instance on Postgres) stored the same id between our check and insert.
-            return Recorded(self.get(vote.vote_id), created_now=False)
-        return Recorded(stored, created_now=True)
+        return self._group.submit(vote)
 
-    def _check_rate(self, session: Session, session_id: str, now: float) -> None:
+    def _record_batch(self, votes: list[Vote]) -> list[Recorded | Exception]:
+        """Commit the batch in one transaction; if the database refuses a vote in it, commit each vote alone so that
+        the refused vote fails only its own caller. A database in trouble (locked, gone, full) fails the batch."""
+        try:
+            return self._commit(votes)
+        except OperationalError:
+            raise
+        except StatementError:
+            if len(votes) == 1:
+                raise
+        results: list[Recorded | Exception] = []
+        for vote in votes:
+            try:
+                results += self._commit([vote])
+            except OperationalError:
+                raise
+            except StatementError as refusal:
+                results.append(refusal)
+        return results
+
+    def _commit(self, votes: list[Vote]) -> list[Recorded | Exception]:
+        """One transaction: one existence check, one rate-limit query and one insert for all of `votes`."""
+        try:
+            with self.engine.begin() as connection:
+                now = time.time()
+                found = connection.execute(_SELECT_BY_ID, {"vote_ids": list({vote.vote_id for vote in votes})})
+                stored = {vote.vote_id: vote for vote in map(_row_to_vote, found)}
+                recent = self._recent_votes(connection, {v.session_id for v in votes if v.vote_id not in stored}, now)
+                outcomes: list[str | Exception] = []  # per vote: its id, or why it was refused
+                rows: dict[str, dict] = {}
+                for vote in votes:
+                    if vote.vote_id not in stored and vote.vote_id not in rows:
+                        try:
+                            self._check_rate(recent[vote.session_id], now)
+                        except RateLimited as refusal:
+                            outcomes.append(refusal)
+                            continue
+                        recent[vote.session_id].append(now)
+                        rows[vote.vote_id] = _vote_row(vote, now)
+                    outcomes.append(vote.vote_id)
+                inserted = connection.execute(_INSERT_RETURNING, list(rows.values())) if rows else []
+                created = {vote.vote_id: vote for vote in map(_row_to_vote, inserted)}
+        except IntegrityError:
+            if len(votes) > 1:
+                raise
+            # Another writer (another UI instance on Postgres) stored the same id between our check and insert.
+            return [Recorded(self.get(votes[0].vote_id), created_now=False)]
+        results: list[Recorded | Exception] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                results.append(outcome)
+            elif outcome in stored:
+                results.append(Recorded(stored[outcome], created_now=False))
+            else:
+                results.append(Recorded(created[outcome], created_now=True))
+                stored[outcome] = created[outcome]  # a repeat later in this batch finds it stored
+        return results
+
+    def _recent_votes(self, connection: Connection, sessions: set[str], now: float) -> defaultdict[str, list[float]]:
+        """Each session's vote times inside the rate-limit window, oldest first."""
+        recent: defaultdict[str, list[float]] = defaultdict(list)
+        if self.rate_limit is None or not sessions:
+            return recent
+        since = now - self.rate_limit.window_s
+        for session_id, created in connection.execute(_SELECT_RECENT, {"sessions": list(sessions), "since": since}):
+            recent[session_id].append(created)
+        return recent
+
+    def _check_rate(self, recent: list[float], now: float) -> None:
         if self.rate_limit is None:
             return
-        window_start = now - self.rate_limit.window_s
-        recent = session.scalars(
-            select(VoteRow.created)
-            .where(VoteRow.session_id == session_id, VoteRow.created > window_start)
-            .order_by(VoteRow.created)
-        ).all()
         if len(recent) >= self.rate_limit.votes:
             wait_s = recent[len(recent) - self.rate_limit.votes] + self.rate_limit.window_s - now
             raise RateLimited(

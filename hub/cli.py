@@ -67,7 +67,7 @@ def base_pull(name: str = typer.Argument(DEFAULT_BASE, help="Alias, local folder
 
 @plugins_app.command("list")
 def plugins_list():
-    """Show each trainer with its package, version and description, and any plugin that failed to load."""
+    """Show each trainer and judge with its package, version and description, and any plugin that failed to load."""
     from loraflow.hub.plugins import get_plugins
 
     plugins = get_plugins()
@@ -75,6 +75,10 @@ def plugins_list():
     for name, info in sorted(plugins.trainers.items()):
         table.add_row(name, info.source.package, info.source.version, info.trainer_class.data_format, info.description)
     console.print(table)
+    judges = Table("judge", "package", "version", "description")
+    for name, info in sorted(plugins.judges.items()):
+        judges.add_row(name, info.source.package, info.source.version, info.description)
+    console.print(judges)
     for failure in plugins.failures:
         errors.print(
             f"[red]plugin {failure.source.entry_point} ({failure.source.package} {failure.source.version}) "
@@ -88,23 +92,27 @@ def plugins_install(
         ..., help="A package name, requirement, wheel or folder; pip options may follow '--'."
     ),
 ):
-    """pip-install a plugin into this environment, then confirm its trainers are discovered."""
-    before = _discovered_trainers()
+    """pip-install a plugin into this environment, then confirm its trainers or judges are discovered."""
+    before = _discovered()
     if subprocess.call([sys.executable, "-m", "pip", "install", *spec]) != 0:
         raise LoraflowError(f"pip could not install {' '.join(spec)}; see pip's message above.")
-    added = sorted(set(_discovered_trainers()) - set(before))
-    if not added:
+    after = _discovered()
+    added = {kind: sorted(set(after[kind]) - set(before[kind])) for kind in after}
+    if not any(added.values()):
         raise LoraflowError(
-            f"{' '.join(spec)} installed, but it registers no new trainer. A plugin declares an entry point in the "
-            "[project.entry-points.loraflow] table of its pyproject.toml."
+            f"{' '.join(spec)} installed, but it registers no new trainer or judge. A plugin declares an entry point "
+            "in the [project.entry-points.loraflow] table of its pyproject.toml."
         )
-    console.print(f"[green]new trainers:[/] {', '.join(added)}")
+    for kind, names in added.items():
+        if names:
+            console.print(f"[green]new {kind}:[/] {', '.join(names)}")
 
 
-def _discovered_trainers() -> list[str]:
-    """Ask a fresh interpreter, which sees packages installed after this one started."""
+def _discovered() -> dict[str, list[str]]:
+    """The trainers and judges a fresh interpreter finds: it sees packages installed after this one started."""
     code = (
-        "import json; from loraflow.hub.plugins import get_plugins; print(json.dumps(sorted(get_plugins().trainers)))"
+        "import json; from loraflow.hub.plugins import get_plugins; p = get_plugins(); "
+        "print(json.dumps({'trainers': sorted(p.trainers), 'judges': sorted(p.judges)}))"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])

@@ -23,6 +23,18 @@ def register_trainers(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_judges(register: Callable[[type], None]) -> None:
+    """Register judge classes: automatic voters that pick the better of two answers.
+
+    Receives `register`, a callback taking one judge class: a class with a `name` (str), a `description`
+    (one line), a constructor taking one `loraflow.arena.judge.JudgeSettings` (the judge model, its server
+    and API key, for judges that ask a model) and a `judge(prompt, answer_a, answer_b) -> str` method
+    returning a vote outcome: "a", "b", "tie" or "both_bad". Returns nothing; `loraflow votes simulate
+    --judge NAME` and `loraflow judge A B --judge NAME` vote with it.
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add subcommands to the `loraflow` command.
 

@@ -1,6 +1,6 @@
-"""The plugin manager: trainers come from the `loraflow` entry-point group, built-ins included.
+"""The plugin manager: trainers and judges come from the `loraflow` entry-point group, built-ins included.
 
-Entry points load lazily, on the first call that needs a trainer, and once per process. A plugin
+Entry points load lazily, on the first call that needs a trainer or a judge, and once per process. A plugin
 that fails to import is recorded with its error instead of stopping the CLI. `LORAFLOW_PLUGINS`,
 a comma-separated allowlist of entry-point or distribution names, limits which external plugins load; a name
 that matches nothing installed is recorded as a failure, so a typo is reported rather than silently ignored.
@@ -22,6 +22,7 @@ from loraflow.hub.errors import LoraflowError
 GROUP = "loraflow"
 OWN_DISTRIBUTION = "loraflow"
 REQUIRED_ATTRIBUTES = ("name", "description", "config_class", "data_format", "train")
+REQUIRED_JUDGE_ATTRIBUTES = ("name", "description", "judge")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ class TrainerInfo:
 
 
 @dataclass(frozen=True)
+class JudgeInfo:
+    name: str
+    judge_class: type
+    description: str
+    source: PluginSource
+
+
+@dataclass(frozen=True)
 class PluginFailure:
     source: PluginSource
     error: str
@@ -51,6 +60,7 @@ class PluginFailure:
 class PluginSet:
     manager: pluggy.PluginManager
     trainers: dict[str, TrainerInfo] = field(default_factory=dict)
+    judges: dict[str, JudgeInfo] = field(default_factory=dict)
     failures: list[PluginFailure] = field(default_factory=list)
 
     def trainer(self, name: str) -> TrainerInfo:
@@ -61,6 +71,15 @@ class PluginSet:
                 "Install a plugin with: loraflow plugins install PACKAGE"
             )
         return self.trainers[name]
+
+    def judge(self, name: str) -> JudgeInfo:
+        if name not in self.judges:
+            known = ", ".join(sorted(self.judges)) or "none"
+            raise LoraflowError(
+                f"no judge named {name!r}; installed judges: {known}. "
+                "Install a plugin with: loraflow plugins install PACKAGE"
+            )
+        return self.judges[name]
 
 
 def _allowlist() -> set[str] | None:
@@ -123,7 +142,7 @@ def _unique_entry_points() -> list[metadata.EntryPoint]:
 
 @functools.cache
 def get_plugins() -> PluginSet:
-    """Load every allowed entry point once and collect the trainers they register."""
+    """Load every allowed entry point once and collect the trainers and judges they register."""
     manager = pluggy.PluginManager(GROUP)
     manager.add_hookspecs(hookspecs)
     result = PluginSet(manager)
@@ -146,12 +165,17 @@ def get_plugins() -> PluginSet:
     manager.check_pending()
     for plugin_name, source in sources.items():
         others = [plugin for name, plugin in manager.list_name_plugin() if name != plugin_name]
-        caller = manager.subset_hook_caller("register_trainers", remove_plugins=others)
-        try:
-            caller(register=functools.partial(_add_trainer, result, source))
-        except Exception as error:
-            result.failures.append(PluginFailure(source, f"{type(error).__name__}: {error}"))
+        for hook, add in (("register_trainers", _add_trainer), ("register_judges", _add_judge)):
+            caller = manager.subset_hook_caller(hook, remove_plugins=others)
+            try:
+                caller(register=functools.partial(add, result, source))
+            except Exception as error:
+                result.failures.append(PluginFailure(source, f"{type(error).__name__}: {error}"))
     return result
+
+
+def _first_line(text: str | None) -> str:
+    return text.strip().splitlines()[0] if text and text.strip() else ""
 
 
 def _add_trainer(result: PluginSet, source: PluginSource, trainer_class: type) -> None:
@@ -162,5 +186,15 @@ def _add_trainer(result: PluginSet, source: PluginSource, trainer_class: type) -
     if name in result.trainers:
         other = result.trainers[name].source
         raise LoraflowError(f"trainer {name!r} is already registered by {other.package} {other.version}")
-    first_line = (trainer_class.description or "").strip().splitlines()[0] if trainer_class.description else ""
-    result.trainers[name] = TrainerInfo(name, trainer_class, first_line, source)
+    result.trainers[name] = TrainerInfo(name, trainer_class, _first_line(trainer_class.description), source)
+
+
+def _add_judge(result: PluginSet, source: PluginSource, judge_class: type) -> None:
+    missing = [attribute for attribute in REQUIRED_JUDGE_ATTRIBUTES if not hasattr(judge_class, attribute)]
+    if missing:
+        raise LoraflowError(f"judge class {judge_class.__qualname__} lacks {', '.join(missing)}")
+    name = judge_class.name
+    if name in result.judges:
+        other = result.judges[name].source
+        raise LoraflowError(f"judge {name!r} is already registered by {other.package} {other.version}")
+    result.judges[name] = JudgeInfo(name, judge_class, _first_line(judge_class.description), source)

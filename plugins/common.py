@@ -195,9 +195,11 @@ def final_metrics(trainer, job: TrainJob) -> dict[str, float]:
     """Train loss, eval loss and throughput as the Trainer logged them."""
     history = trainer.state.log_history
     summary = next((entry for entry in reversed(history) if "train_runtime" in entry), {})
+    tokens = next((entry["num_tokens"] for entry in reversed(history) if "num_tokens" in entry), None)
     metrics = {
         "train_loss": summary.get("train_loss"),
         "train_runtime_s": summary.get("train_runtime"),
+        "train_tokens": tokens,  # non-padding tokens the steps processed (TRL's count)
         "train_steps": trainer.state.global_step,
         "train_examples": len(job.train_records),
     }

@@ -4,7 +4,9 @@ vLLM's CPU punica ops gather every token's full LoRA matrices (`weights[indices]
 per q/k/v slice, and compute the slot at index -1 for tokens that use no adapter. This wrapper plans
 the tokens by adapter once per step (the index tensor is reused by every layer), runs two batched
 matmuls per output slice over the adapters in use, skips base-model tokens, and skips slices whose
-weights are zero in every slot in use (k_proj when adapters target q/v; lm_head, almost always).
+weights are zero in every slot in use (k_proj when adapters target q/v; lm_head, almost always), and whole
+modules before gathering any token when no slice is in use (vLLM wraps every module it supports). The weights of
+consecutive slots are read as a view.
 """
 
 from __future__ import annotations
@@ -48,9 +50,17 @@ def plan_tokens(indices: torch.Tensor) -> TokenPlan:
     return TokenPlan(slots, gather=gather, valid=valid.nonzero().flatten(), dest=gather[valid], longest=longest)
 
 
-def _matrices(stacked: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    weights = stacked.index_select(0, slots)
-    return weights.squeeze(1) if weights.dim() == 4 else weights  # [slots, out, in]
+def _matrices(stacked: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """[slots, in, out] in fp32 for bmm. Consecutive slots (the usual case: every adapter loaded is in use) are read
+    as a view of the stacked weights. fp32 even for a bf16 model: these small batched products run faster in fp32
+    on the CPU (21.6 and 6.6 us against 31.9 and 20.7 us in bf16 for 8 adapters x 4 tokens at rank 8)."""
+    first = slots[0]
+    if slots == list(range(first, first + len(slots))):
+        weights = stacked[first : first + len(slots)]
+    else:
+        weights = stacked.index_select(0, torch.tensor(slots))
+    weights = weights.squeeze(1) if weights.dim() == 4 else weights  # [slots, out, in]
+    return weights.float().transpose(1, 2)
 
 
 def add_grouped_lora(
@@ -66,18 +76,17 @@ def add_grouped_lora(
     """y[:, slice] += (x @ A[slot].T * scale) @ B[slot].T per token's adapter, as two batched matmuls per slice."""
     if not plan.slots:
         return
-    slots = torch.tensor(plan.slots)
+    used = [slice_used(b, plan.slots) for b in lora_b]
+    if not any(used):  # a module no adapter in this step targets (vLLM wraps every supported one): no gather
+        return
     if plan.single:
         tokens = x.float().unsqueeze(0)
     else:
         tokens = x.index_select(0, plan.gather).float().view(len(plan.slots), plan.longest, -1)
     offset = 0
-    for a, b, size in zip(lora_a, lora_b, output_slices):
-        if slice_used(b, plan.slots):
-            delta = torch.bmm(
-                torch.bmm(tokens, _matrices(a, slots).float().transpose(1, 2)).mul_(scale),
-                _matrices(b, slots).float().transpose(1, 2),
-            )
+    for a, b, size, slice_in_use in zip(lora_a, lora_b, output_slices, used):
+        if slice_in_use:
+            delta = torch.bmm(torch.bmm(tokens, _matrices(a, plan.slots)).mul_(scale), _matrices(b, plan.slots))
             width = min(size, delta.shape[-1], y.shape[1] - offset)
             target = y[:, offset : offset + width]
             if plan.single:

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import random
+import time
+from dataclasses import replace
+
+import numpy as np
 
 from loraflow.arena.matchmaking import choose_pair
-from loraflow.arena.ratings import Match, bradley_terry, elo_history, leaderboard, online_elo, plot_elo_history
+from loraflow.arena.ratings import (
+    ELO_START,
+    SCALE,
+    LiveLeaderboard,
+    Match,
+    Ratings,
+    bradley_terry,
+    elo_history,
+    leaderboard,
+    online_elo,
+    plot_elo_history,
+    style_counts,
+)
 from loraflow.arena.votes import Vote
 
 
@@ -28,13 +44,15 @@ def constructed_votes(seed: int = 0) -> list[Vote]:
 
 
 def test_clearly_better_contestant_ranks_first_with_intervals_around_the_estimate():
-    rows = leaderboard(constructed_votes(), bootstrap_rounds=100)
+    rows = leaderboard(constructed_votes())
     assert [r.contestant for r in rows] == ["strong", "mid", "weak"]
     for row in rows:
         assert row.bt_low <= row.bt <= row.bt_high
         assert row.votes == 200 and row.wins + row.losses + row.draws == 200
     assert rows[0].bt_low > rows[2].bt_high  # separated beyond doubt
     assert rows[0].elo > rows[1].elo > rows[2].elo
+    for row in rows:  # the answers are alike, so style control changes nothing
+        assert row.style_low <= row.style_bt <= row.style_high and abs(row.style_bt - row.bt) < 1.0
 
 
 def test_bradley_terry_recovers_known_odds():
@@ -46,14 +64,118 @@ def test_bradley_terry_recovers_known_odds():
 
 def test_draws_and_both_bad_count_as_half():
     drawn = votes_from([("a", "b", "tie"), ("a", "b", "both_bad")] * 10)
-    rows = {r.contestant: r for r in leaderboard(drawn, bootstrap_rounds=20)}
-    assert abs(rows["a"].bt - rows["b"].bt) < 1e-6
+    rows = {r.contestant: r for r in leaderboard(drawn)}
+    assert abs(rows["a"].bt - rows["b"].bt) < 1e-6 and abs(rows["a"].style_bt - rows["b"].style_bt) < 1e-6
     assert rows["a"].draws == 20 and rows["a"].wins == 0
 
 
 def test_undefeated_contestant_gets_a_finite_rating():
     ratings = bradley_terry([Match("a", "b", 1.0)] * 5)
     assert ratings["a"] > ratings["b"] and ratings["a"] < 2000
+
+
+def test_one_vote_gives_a_wide_interval_not_a_point():
+    rows = {r.contestant: r for r in leaderboard(votes_from([("a", "b", "a")]))}
+    for row in rows.values():
+        assert row.bt_high - row.bt_low > 200 and row.style_high - row.style_low > 200
+        assert row.bt_low < row.bt < row.bt_high
+    assert rows["a"].bt > rows["b"].bt and rows["a"].bt_low < rows["b"].bt_high  # one vote decides nothing
+
+
+def styled_votes(rng: np.random.Generator, truth: dict[str, float], count: int, length_bias: float) -> list[Vote]:
+    """Votes under Bradley-Terry with `truth` (Elo, mean 1000) plus `length_bias` logits per unit of the
+    normalized length difference; answers are runs of 'x' whose length depends on the contestant."""
+    names = sorted(truth)
+    typical = {name: 40 + 40 * i for i, name in enumerate(names)} | {"long": 400, "short": 50}
+    votes = []
+    for number in range(count):
+        a, b = rng.choice(names, 2, replace=False)
+        length_a, length_b = (int(typical[name] * rng.lognormal(0, 0.6)) + 1 for name in (a, b))
+        difference = (length_a - length_b) / (length_a + length_b)
+        logit = (truth[a] - truth[b]) / SCALE + length_bias * difference
+        outcome = "a" if rng.random() < 1 / (1 + np.exp(-logit)) else "b"
+        votes.append(Vote(f"v{number}", "s", "p", "x" * length_a, "x" * length_b, a, b, outcome, seq=number + 1))
+    return votes
+
+
+def test_style_control_removes_a_planted_length_bias():
+    # "long" and "short" are equally good; voters prefer the longer answer whoever wrote it.
+    truth = {"long": ELO_START, "short": ELO_START, "mid": ELO_START}
+    board = Ratings().add(styled_votes(np.random.default_rng(0), truth, 3000, length_bias=3.0)).fit()
+    rows = {r.contestant: r for r in board.ratings}
+    assert rows["long"].bt_low > rows["short"].bt_high  # the raw ratings reward length
+    assert rows["long"].style_low < rows["short"].style_high  # the style-controlled ones do not
+    assert abs(rows["long"].style_bt - rows["short"].style_bt) < 0.25 * (rows["long"].bt - rows["short"].bt)
+    length = board.style[0]
+    assert length.feature == "length" and length.low > 0  # positive beyond doubt
+    assert all(effect.low < 0 < effect.high for effect in board.style[1:])  # the answers have no markdown
+
+
+def test_style_counts_read_markdown():
+    answer = "# Title\n\nSome **bold** and __bold__ text.\n\n- one\n- two\n1. three\n## Sub\n"
+    assert style_counts(answer) == (len(answer), 2, 3, 2)
+    assert style_counts("plain #not a header, 2*3*4") == (len("plain #not a header, 2*3*4"), 0, 0, 0)
+
+
+def test_intervals_cover_the_true_rating_about_95_percent_of_the_time():
+    # Raw ratings on votes without a style bias; style-controlled ones on votes with a length bias.
+    rng = np.random.default_rng(1)
+    covered = {"raw": [], "style": []}
+    for votes_per_set in (12, 200):
+        for _ in range(40):
+            truth = dict(zip(["p", "q", "r", "s"], ELO_START + rng.normal(0, 150, 4)))
+            centre = np.mean(list(truth.values())) - ELO_START
+            for model, bias in (("raw", 0.0), ("style", 1.0)):
+                for row in Ratings().add(styled_votes(rng, truth, votes_per_set, length_bias=bias)).fit().ratings:
+                    low, high = (row.bt_low, row.bt_high) if model == "raw" else (row.style_low, row.style_high)
+                    covered[model].append(low <= truth[row.contestant] - centre <= high)
+    assert np.mean(covered["raw"]) >= 0.85 and np.mean(covered["style"]) >= 0.85
+
+
+def test_incremental_ratings_equal_a_full_refit():
+    truth = {"p": 1100.0, "q": 1000.0, "r": 900.0}
+    early = styled_votes(np.random.default_rng(2), truth, 600, length_bias=1.0)
+    late = votes_from([("p", "late", "tie"), ("late", "q", "a"), ("r", "late", "both_bad")])  # a newcomer
+    votes = [replace(v, vote_id=f"v{i}", seq=i + 1) for i, v in enumerate(early + late)]
+    incremental = Ratings()
+    for start in range(0, len(votes), 97):
+        board = incremental.add(votes[start : start + 97]).fit()
+    full = Ratings().add(votes).fit()
+    assert board.votes == full.votes == len(votes) and board.last_seq == incremental.last_seq == len(votes)
+    for mine, theirs in zip(board.ratings, full.ratings):
+        assert (mine.contestant, mine.votes, mine.wins, mine.draws) == (
+            theirs.contestant,
+            theirs.votes,
+            theirs.wins,
+            theirs.draws,
+        )
+        for name in ("elo", "bt", "bt_low", "bt_high", "style_bt", "style_low", "style_high"):
+            assert abs(getattr(mine, name) - getattr(theirs, name)) < 1e-3, name
+    for mine, theirs in zip(board.style, full.style):
+        assert abs(mine.elo - theirs.elo) < 1e-3 and abs(mine.high - theirs.high) < 1e-3
+    assert board.elo_series == full.elo_series
+
+
+def test_live_leaderboard_reads_only_new_votes_and_refits_in_the_background():
+    stored = votes_from([("a", "b", "a"), ("b", "c", "tie"), ("a", "c", "a")])
+    reads = []
+
+    def read_votes(after_seq: int = 0) -> list[Vote]:
+        reads.append(after_seq)
+        return [v for v in stored if v.seq > after_seq]
+
+    live = LiveLeaderboard(read_votes, poll_s=0.05)
+    try:
+        assert live.refresh().votes == 3 and reads == [0]
+        stored.append(Vote("v9", "s", "p", "x", "y", "c", "a", "a", seq=4))
+        live.wake()
+        deadline = time.monotonic() + 10
+        while (live.latest() is None or live.latest().votes < 4) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert live.latest().votes == 4 and live.latest().last_seq == 4
+        assert set(reads[1:]) <= {3, 4}  # every later read starts after the newest vote seen
+    finally:
+        live.close()
 
 
 def test_elo_history_follows_every_vote_and_the_plot_is_written(tmp_path):

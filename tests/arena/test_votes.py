@@ -1,4 +1,5 @@
-"""Vote storage: idempotent ids, rate limits, concurrent writer processes, a writer killed mid-storm, export."""
+"""Vote storage: idempotent ids, rate limits, group commit, concurrent writer processes, a writer killed mid-storm,
+export."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError, StatementError
 
 from loraflow.arena.export import export_preferences
-from loraflow.arena.votes import RateLimit, RateLimited, Vote, VoteStore
+from loraflow.arena.votes import GroupCommit, RateLimit, RateLimited, Recorded, Vote, VoteStore
 from loraflow.hub.errors import LoraflowError
 from tests.conftest import REPO, run_loraflow
 
@@ -97,6 +102,101 @@ def test_votes_filters_by_contestant_name_and_seq(store):
     assert [v.seq for v in store.votes(name="pirate")] == [1, 3]
     assert [v.seq for v in store.votes(contestants=["pirate@2"])] == [3]
     assert [v.seq for v in store.votes(after_seq=1)] == [2, 3]
+
+
+def count_commits(store: VoteStore) -> list:
+    commits = []
+    event.listen(store.engine, "commit", lambda connection: commits.append(connection))
+    return commits
+
+
+def test_concurrent_callers_share_commits_and_hear_back_only_after_commit(votes_url):
+    store = VoteStore(votes_url, rate_limit=None)
+    reader = VoteStore(votes_url, rate_limit=None)  # its own connections see committed votes only
+    commits = count_commits(store)
+    threads, per_thread = 8, 25
+    shared = [f"shared-{i}" for i in range(per_thread)]  # every thread casts these too: concurrent repeats
+    casts = [[f"t{number}-{i}" for i in range(per_thread)] for number in range(threads)]
+    created_now = {vote_id: [] for vote_id in shared + [vote_id for own in casts for vote_id in own]}
+    start = threading.Barrier(threads)
+
+    def cast(number: int) -> None:
+        start.wait()
+        for vote_id in [vote_id for pair in zip(casts[number], shared[number:] + shared[:number]) for vote_id in pair]:
+            recorded = store.record(make_vote(vote_id=vote_id, session=f"t{number}"))
+            created_now[vote_id].append(recorded.created_now)
+            assert reader.get(vote_id) == recorded.vote  # committed before record returned
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(cast, range(threads)))  # re-raises a failed assertion from any thread
+    assert {vote_id: flags.count(True) for vote_id, flags in created_now.items()} == dict.fromkeys(created_now, 1)
+    assert sorted(vote.vote_id for vote in reader.votes()) == sorted(created_now)
+    assert len(commits) < sum(len(flags) for flags in created_now.values())  # some calls shared a commit
+
+
+def test_the_rate_limit_holds_for_concurrent_callers_of_one_session(votes_url):
+    store = VoteStore(votes_url, rate_limit=RateLimit(votes=10, window_s=60))
+    start = threading.Barrier(8)
+
+    def cast(_) -> list[bool]:
+        start.wait()
+        accepted = []
+        for _ in range(5):
+            try:
+                accepted.append(store.record(make_vote(session="eager")).created_now)
+            except RateLimited:
+                accepted.append(False)
+        return accepted
+
+    with ThreadPoolExecutor(8) as pool:
+        accepted = [flag for flags in pool.map(cast, range(8)) for flag in flags]
+    assert accepted.count(True) == 10 and store.count() == 10
+
+
+def test_one_commit_keeps_each_votes_own_outcome(votes_url):
+    store = VoteStore(votes_url, rate_limit=RateLimit(votes=2, window_s=60))
+    earlier = store.record(make_vote(session="eager")).vote
+    commits = count_commits(store)
+    results = store._record_batch(
+        [
+            make_vote(session="eager"),  # the session's second vote in the window: stored
+            make_vote(session="eager"),  # its third: refused
+            make_vote(session="calm", vote_id="twice"),
+            make_vote("b", session="calm", vote_id="twice"),  # a repeat inside the same commit
+            earlier,  # a retry of a stored vote is not refused
+        ]
+    )
+    assert len(commits) == 1
+    second, third, first_twice, again_twice, retried = results
+    assert second.created_now and second.vote.session_id == "eager"
+    assert isinstance(third, RateLimited) and "try again" in str(third)
+    assert first_twice.created_now and not again_twice.created_now
+    assert again_twice.vote == first_twice.vote and again_twice.vote.outcome == "a"
+    assert retried == Recorded(earlier, created_now=False)
+    assert store.count() == 3
+
+
+def test_a_vote_the_database_refuses_fails_only_its_own_caller(votes_url):
+    store = VoteStore(votes_url, rate_limit=None)
+    refused = make_vote(prompt={"not": "text"})
+    before, bad, after = store._record_batch([make_vote(), refused, make_vote()])
+    assert before.created_now and after.created_now
+    assert isinstance(bad, StatementError)
+    assert [vote.vote_id for vote in store.votes()] == [before.vote.vote_id, after.vote.vote_id]
+    with pytest.raises(StatementError):
+        store.record(refused)
+
+
+def test_a_failed_commit_reaches_its_caller_and_the_next_caller_is_served():
+    def commit_batch(votes):
+        if votes[0].vote_id == "doomed":
+            raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+        return [Recorded(vote, created_now=True) for vote in votes]
+
+    group = GroupCommit(commit_batch)
+    with pytest.raises(OperationalError, match="disk I/O error"):
+        group.submit(make_vote(vote_id="doomed"))
+    assert group.submit(make_vote(vote_id="next")).vote.vote_id == "next"
 
 
 def _writer(url: str, writer: int, count: int, start) -> list[str]:

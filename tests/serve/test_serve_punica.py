@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
 
@@ -35,6 +36,24 @@ def test_grouped_path_matches_vllm_ops_for_mixed_adapters_and_base_tokens():
     add_grouped_lora(y, x, lora_a, lora_b, 0.5, output_slices, plan_tokens(indices))
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-3)
     assert torch.equal(y[2], expected[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_slots_in_use_for_an_fp32_and_a_bf16_model(dtype):
+    """Every loaded adapter in use (consecutive slots: the weights are read as a view); y keeps its dtype."""
+    torch.manual_seed(2)
+    slots, rank, hidden, output_slices = 3, 8, 64, (64, 32)
+    lora_a = tuple(torch.randn(slots, 1, rank, hidden) for _ in output_slices)
+    lora_b = tuple(torch.randn(slots, 1, size, rank) for size in output_slices)
+    x, y = torch.randn(9, hidden), torch.randn(9, sum(output_slices))
+    indices = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2])
+    expected = reference(y, x, lora_a, lora_b, 0.25, output_slices, indices)
+    low = [tuple(t.to(dtype) for t in stacked) for stacked in (lora_a, lora_b)]
+    y_low = y.to(dtype)
+    add_grouped_lora(y_low, x.to(dtype), *low, 0.25, output_slices, plan_tokens(indices))
+    assert y_low.dtype == dtype
+    tolerance = 1e-3 if dtype == torch.float32 else 0.15  # bf16 keeps 8 bits of mantissa
+    torch.testing.assert_close(y_low.float(), expected, rtol=tolerance, atol=tolerance * 10)
 
 
 def test_one_adapter_for_every_token_needs_no_gather():
