@@ -1,6 +1,12 @@
-"""Peak resident memory (RSS) of `qlora` against `lora` on the same run, each in its own fresh process.
+"""Resident memory (RSS) of `qlora` against `lora` on the same run, each in its own fresh process.
 
 .venv/bin/python bench/train_memory.py [--steps 6] [--base smollm2-135m]
+
+Inside each child, around the trainer's `load_model`: RSS before loading (torch, transformers, TRL, the tokenizer and
+the data already in), RSS after loading (their difference is the model-attributable load), the peak while loading, the
+training peak (the high-water mark from the end of loading to the end of training; "peak-before" is that less the RSS
+before loading) and the whole-process peak. The high-water mark is reset before and after loading through
+/proc/self/clear_refs (Linux), so load transients and the training peak show separately.
 """
 
 from __future__ import annotations
@@ -15,29 +21,67 @@ from pathlib import Path
 from loraflow.hub.base import DEFAULT_BASE
 
 REPO = Path(__file__).resolve().parent.parent
+METHODS = ("lora", "qlora")
 
 CHILD = """
-import json, resource, sys
+import gc, json, sys
 sys.path.insert(0, {repo!r})
 from loraflow.hub.plugins import get_plugins
 from loraflow.hub.registry import Registry
 from loraflow.hub.training import load_config, run_training
+
+def status_mib(key):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) / 1024
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
 method, steps, base, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-config = load_config(get_plugins().trainer(method).trainer_class.config_class, overrides=dict(
+trainer_class = get_plugins().trainer(method).trainer_class
+memory = {{}}
+original_load_model = trainer_class.load_model
+
+def measured_load_model(self, job):
+    gc.collect()
+    memory["before"] = status_mib("VmRSS")
+    memory["preload_peak"] = status_mib("VmHWM")
+    reset_peak()
+    model = original_load_model(self, job)
+    gc.collect()
+    memory["loaded"] = status_mib("VmRSS")
+    memory["load_peak"] = status_mib("VmHWM")
+    memory["peak_was_reset"] = reset_peak()
+    return model
+
+trainer_class.load_model = measured_load_model
+config = load_config(trainer_class.config_class, overrides=dict(
     max_steps=steps, per_device_train_batch_size=8, max_length=128, eval_split=0.0, gradient_checkpointing=True))
 registry = Registry(folder + "/registry.json")
 run_training(method, data={data!r}, name="mem-" + method, base_spec=base, registry=registry, config=config)
-print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+memory["train_peak"] = status_mib("VmHWM")
+memory["process_peak"] = max(memory["preload_peak"], memory["load_peak"], memory["train_peak"])
+print("MEMORY_JSON", json.dumps(memory))
 """
 
 
-def peak_rss_mib(method: str, steps: int, base: str) -> float:
+def measure(method: str, steps: int, base: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         code = CHILD.format(repo=str(REPO), data=str(REPO / "data/pirate/train.jsonl"))
-        output = subprocess.run(
-            [sys.executable, "-c", code, method, str(steps), base, folder], capture_output=True, text=True, check=True
-        ).stdout
-    return int(output.split("PEAK_RSS_KIB")[1].split()[0]) / 1024
+        child = subprocess.run(
+            [sys.executable, "-c", code, method, str(steps), base, folder], capture_output=True, text=True
+        )
+    if child.returncode != 0:
+        sys.exit(f"{method} failed (exit {child.returncode}):\n{child.stderr[-4000:]}")
+    memory = json.loads(child.stdout.split("MEMORY_JSON", 1)[1].splitlines()[0])
+    memory["load"] = memory["loaded"] - memory["before"]
+    memory["train_over_before"] = memory["train_peak"] - memory["before"]
+    return memory
 
 
 def main() -> None:
@@ -45,14 +89,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--base", default=DEFAULT_BASE)
     args = parser.parse_args()
-    peaks = {method: peak_rss_mib(method, args.steps, args.base) for method in ("lora", "qlora")}
-    for method, mib in peaks.items():
-        print(f"  {method:6s} peak RSS {mib:8.1f} MiB")
+    results = {method: measure(method, args.steps, args.base) for method in METHODS}
     print(
-        f"ratio qlora/lora peak RSS: {peaks['qlora'] / peaks['lora']:.3f}x ({args.steps} steps, batch 8, gradient "
-        "checkpointing on both)"
+        f"{'method':6s} {'before':>8s} {'loaded':>8s} {'load':>8s} {'load peak':>10s} {'train peak':>11s} "
+        f"{'peak-before':>12s} {'process peak':>13s}  (MiB RSS)"
     )
-    print(json.dumps(peaks))
+    for method, memory in results.items():
+        print(
+            f"{method:6s} {memory['before']:8.1f} {memory['loaded']:8.1f} {memory['load']:8.1f} "
+            f"{memory['load_peak']:10.1f} {memory['train_peak']:11.1f} {memory['train_over_before']:12.1f} "
+            f"{memory['process_peak']:13.1f}"
+        )
+    lora, qlora = results["lora"], results["qlora"]
+    setting = f"({args.steps} steps, batch 8, max_length 128, gradient checkpointing on both)"
+    print(f"ratio qlora/lora model-attributable load (RSS after - before loading): {qlora['load'] / lora['load']:.3f}x")
+    print(
+        "ratio qlora/lora training peak - RSS before loading: "
+        f"{qlora['train_over_before'] / lora['train_over_before']:.3f}x"
+    )
+    print(f"ratio qlora/lora whole-process peak RSS: {qlora['process_peak'] / lora['process_peak']:.3f}x {setting}")
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

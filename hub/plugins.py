@@ -178,23 +178,23 @@ def _first_line(text: str | None) -> str:
     return text.strip().splitlines()[0] if text and text.strip() else ""
 
 
-def _add_trainer(result: PluginSet, source: PluginSource, trainer_class: type) -> None:
-    missing = [attribute for attribute in REQUIRED_ATTRIBUTES if not hasattr(trainer_class, attribute)]
+def _checked(kind: str, required: tuple[str, ...], known: dict, plugin_class: type) -> str:
+    """The class's name, once it has every required attribute and no other plugin registered that name."""
+    missing = [attribute for attribute in required if not hasattr(plugin_class, attribute)]
     if missing:
-        raise LoraflowError(f"trainer class {trainer_class.__qualname__} lacks {', '.join(missing)}")
-    name = trainer_class.name
-    if name in result.trainers:
-        other = result.trainers[name].source
-        raise LoraflowError(f"trainer {name!r} is already registered by {other.package} {other.version}")
+        raise LoraflowError(f"{kind} class {plugin_class.__qualname__} lacks {', '.join(missing)}")
+    name = plugin_class.name
+    if name in known:
+        other = known[name].source
+        raise LoraflowError(f"{kind} {name!r} is already registered by {other.package} {other.version}")
+    return name
+
+
+def _add_trainer(result: PluginSet, source: PluginSource, trainer_class: type) -> None:
+    name = _checked("trainer", REQUIRED_ATTRIBUTES, result.trainers, trainer_class)
     result.trainers[name] = TrainerInfo(name, trainer_class, _first_line(trainer_class.description), source)
 
 
 def _add_judge(result: PluginSet, source: PluginSource, judge_class: type) -> None:
-    missing = [attribute for attribute in REQUIRED_JUDGE_ATTRIBUTES if not hasattr(judge_class, attribute)]
-    if missing:
-        raise LoraflowError(f"judge class {judge_class.__qualname__} lacks {', '.join(missing)}")
-    name = judge_class.name
-    if name in result.judges:
-        other = result.judges[name].source
-        raise LoraflowError(f"judge {name!r} is already registered by {other.package} {other.version}")
+    name = _checked("judge", REQUIRED_JUDGE_ATTRIBUTES, result.judges, judge_class)
     result.judges[name] = JudgeInfo(name, judge_class, _first_line(judge_class.description), source)
