@@ -37,9 +37,6 @@ def pirate_rule(answer_a: str, answer_b: str) -> str:
     return "tie" if a else "both_bad"
 
 
-judge = pirate_rule  # the name the arena tests import the rule by
-
-
 @dataclass(frozen=True)
 class JudgeSettings:
     """What a judge may need: the model it asks and where that model is served (the rule-based judges ignore it)."""

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from loraflow.arena.cli import _auth
-from loraflow.arena.judge import judge
+from loraflow.arena.judge import pirate_rule
 from loraflow.arena.matchmaking import Pairing
 from loraflow.arena.rounds import Arena, ArenaSettings, Round
 from loraflow.arena.votes import RateLimit, RateLimited, VoteStore
@@ -42,7 +42,7 @@ def test_contestants_are_the_base_and_the_versions(arena, tiny_base, tmp_path):
 
 def test_one_vote_path_stores_the_round_once(arena):
     played = finished_round()
-    first = arena.vote(played, judge(*played.answers), "visitor")
+    first = arena.vote(played, pirate_rule(*played.answers), "visitor")
     again = arena.vote(played, "b", "visitor")  # a double click, or a retry after a lost response
     assert first.created_now and not again.created_now
     stored = arena.store.get("round-1")
