@@ -14,7 +14,7 @@ import click
 import typer
 
 from loraflow.arena.judge import DEFAULT_JUDGE
-from loraflow.arena.settings import ArenaSettings, LoopSettings, RateLimit, trainer_config
+from loraflow.arena.settings import DEFAULT_SERVER, ArenaSettings, LoopSettings, RateLimit, trainer_config
 from loraflow.hub.base import DEFAULT_BASE
 from loraflow.hub.cli_common import default_of, help_of, registry_from
 from loraflow.hub.errors import LoraflowError
@@ -63,7 +63,7 @@ def _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, rate_l
 
 
 SERVER_OPTION = typer.Option(
-    os.environ.get("LORAFLOW_SERVER", "http://127.0.0.1:8000"),
+    os.environ.get("LORAFLOW_SERVER", DEFAULT_SERVER),
     "--server",
     help="The `loraflow serve` address, http://HOST:PORT.",
 )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
+from loraflow.arena.settings import DEFAULT_SERVER, NO_API_KEY
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hookspecs import hookimpl
 
@@ -41,8 +42,8 @@ def pirate_rule(answer_a: str, answer_b: str) -> str:
 class JudgeSettings:
     """What a judge may need: the model it asks and where that model is served (the rule-based judges ignore it)."""
 
-    server_url: str = "http://127.0.0.1:8000"
-    api_key: str = "EMPTY"
+    server_url: str = DEFAULT_SERVER
+    api_key: str = NO_API_KEY
     model: Optional[str] = None
 
 

@@ -351,9 +351,13 @@ class Ratings:
             coefficient, spread = styled.params[n + j], math.sqrt(styled.covariance[n + j, n + j])
             low, high = coefficient - z * spread, coefficient + z * spread
             effects.append(StyleEffect(feature, float(SCALE * coefficient), float(SCALE * low), float(SCALE * high)))
-        series = {name: _thinned(numbers, values) for name, (numbers, values) in self._series.items()}
+        series = self.elo_series()
         ranked = tuple(sorted(rows, key=lambda row: row.bt, reverse=True))
         return Board(ranked, tuple(effects), self.count, self.last_seq, series)
+
+    def elo_series(self) -> dict[str, tuple[tuple[int, ...], tuple[float, ...]]]:
+        """Each contestant's online Elo over the votes, thinned to PLOT_POINTS points for plotting."""
+        return {name: _thinned(numbers, values) for name, (numbers, values) in self._series.items()}
 
 
 def _thinned(numbers: list[int], values: list[float]) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -422,20 +426,6 @@ class LiveLeaderboard:
             self._wake.clear()
 
 
-def elo_series(matches: Sequence[Match]) -> dict[str, tuple[tuple[int, ...], tuple[float, ...]]]:
-    """Each contestant's Elo at the votes that changed it, numbered from 1, starting at ELO_START."""
-    ratings: dict[str, float] = {}
-    series: dict[str, tuple[list[int], list[float]]] = {}
-    for number, match in enumerate(matches, 1):
-        for name in (match.a, match.b):
-            series.setdefault(name, ([number - 1], [ELO_START]))
-        _elo_step(ratings, match, ELO_K)
-        for name in (match.a, match.b):
-            series[name][0].append(number)
-            series[name][1].append(ratings[name])
-    return {name: (tuple(numbers), tuple(values)) for name, (numbers, values) in series.items()}
-
-
 def plot_elo_series(
     series: dict[str, tuple[Sequence[int], Sequence[float]]],
     path: str | Path | None = None,
@@ -466,4 +456,4 @@ def plot_elo_series(
 
 def plot_elo_history(votes: Sequence[Vote], path: str | Path | None = None, title: str = "Elo per version over votes"):
     """The plot of `plot_elo_series` for a list of votes."""
-    return plot_elo_series(elo_series(matches_from_votes(votes)), path, title)
+    return plot_elo_series(Ratings().add(votes).elo_series(), path, title)

@@ -23,11 +23,15 @@ class RateLimit:
     window_s: float = field(default=60.0, metadata={"help": "The rate limit's window in seconds."})
 
 
+DEFAULT_SERVER = "http://127.0.0.1:8000"  # where `loraflow serve` listens by default
+NO_API_KEY = "EMPTY"  # what the openai client sends to a server started without --api-key
+
+
 @dataclass
 class ArenaSettings:
     names: list[str]
     server_url: str
-    api_key: str = "EMPTY"
+    api_key: str = NO_API_KEY
     include_base: bool = field(default=True, metadata={"help": "Let the base model compete as 'base'."})
     max_versions: int = 4
     focus_votes: int = field(
