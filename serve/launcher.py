@@ -38,6 +38,7 @@ CPU_QUANTIZATION = "int8_per_channel_weight_only"
 GPU_QUANTIZATION = "fp8"
 GPU_QUANTIZATION_MIN_CAPABILITY = (7, 5)
 HEALTH_POLL_S = 0.25
+KEEP_ALIVE_S = 75  # seconds an idle HTTP connection stays open; longer than any common client keeps one
 
 
 def default_quantization() -> str | None:
@@ -157,6 +158,9 @@ class ServerSettings:
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib)),
             "TOKENIZERS_PARALLELISM": "false",
+            # Idle connections outlive the clients' (httpx and the openai client drop theirs after 5 s): at vLLM's
+            # own 5 s, a client can reuse a connection at the moment the server closes it, and that request fails.
+            "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(KEEP_ALIVE_S)),
         }
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -143,6 +145,21 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
     )
     assert 400 <= malformed.status_code < 500
     assert complete(client, "pirate").choices[0].text
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(server):
+    """httpx and the openai client reuse an idle connection for up to 5 s; were the server to close it at the same
+    moment, a request sent on it would fail. So the server must keep it open for longer."""
+    client_keep_alive_s = httpx.Limits().keepalive_expiry
+    url = httpx.URL(server.root_url)
+    request = f"GET /health HTTP/1.1\r\nHost: {url.host}\r\n\r\n".encode()
+    with socket.create_connection((url.host, url.port), timeout=10) as connection:
+        connection.sendall(request)
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        closed, _, _ = select.select([connection], [], [], client_keep_alive_s + 1)  # readable: closed by the server
+        assert not closed, f"the server closed an idle connection within {client_keep_alive_s + 1} s"
+        connection.sendall(request)
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
 
 
 class Traffic:
