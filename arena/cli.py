@@ -14,7 +14,15 @@ import click
 import typer
 
 from loraflow.arena.judge import DEFAULT_JUDGE
-from loraflow.arena.settings import DEFAULT_SERVER, ArenaSettings, LoopSettings, RateLimit, trainer_config
+from loraflow.arena.settings import (
+    DEFAULT_SERVER,
+    ArenaSettings,
+    GateSettings,
+    HygieneSettings,
+    LoopSettings,
+    RateLimit,
+    trainer_config,
+)
 from loraflow.hub.base import DEFAULT_BASE
 from loraflow.hub.cli_common import default_of, help_of, registry_from
 from loraflow.hub.errors import LoraflowError
@@ -23,7 +31,6 @@ from loraflow.hub.hookspecs import hookimpl
 VOTES_HELP = (
     "Vote database: a SQLite file or any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: ./votes.db)."
 )
-SIMULATED_MAX_TOKENS = 32  # the pirate judge reads only an answer's first word
 
 
 def setting_option(settings_class: type, name: str, flag: str) -> typer.models.OptionInfo:
@@ -42,7 +49,7 @@ def _auth(value: Optional[str]):
     return pairs
 
 
-def _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, rate_limit):
+def _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, rate_limit, on_policy_share):
     """The Arena the UI and the simulated voter share: contestants from the registry, votes in the store."""
     from loraflow.arena.rounds import Arena
     from loraflow.arena.votes import VoteStore
@@ -57,6 +64,7 @@ def _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, rate_l
         api_key=api_key,
         include_base=not no_base,
         max_tokens=max_tokens,
+        on_policy_share=on_policy_share,
         base_model=resolve_base(base).served_name,
     )
     return Arena(settings, registry, VoteStore(votes, rate_limit=rate_limit))
@@ -75,6 +83,11 @@ API_KEY_OPTION = typer.Option(
 VOTES_OPTION = typer.Option(None, "--votes", envvar="LORAFLOW_VOTES", help=VOTES_HELP)
 NAMES_ARGUMENT = typer.Argument(..., help="Adapter names whose versions compete (with the base).")
 BASE_OPTION = typer.Option(DEFAULT_BASE, "--base", help="The base model the server runs (it competes as 'base').")
+HYGIENE_OPTION = typer.Option(
+    True, "--hygiene/--no-hygiene", help="Leave out the votes vote hygiene excludes (caps, pace, outliers, leaks)."
+)
+ON_POLICY_OPTION = setting_option(ArenaSettings, "on_policy_share", "--on-policy-share")
+MAX_TOKENS_OPTION = setting_option(ArenaSettings, "max_tokens", "--max-tokens")
 NO_BASE_OPTION = typer.Option(
     not default_of(ArenaSettings, "include_base"), "--no-base", help="Leave the base model out of the contestants."
 )
@@ -92,7 +105,8 @@ def arena(
     auth: Optional[str] = typer.Option(
         None, "--auth", envvar="LORAFLOW_ARENA_AUTH", help="Require login: USER:PASSWORD or a file of such lines."
     ),
-    max_tokens: int = setting_option(ArenaSettings, "max_tokens", "--max-tokens"),
+    max_tokens: int = MAX_TOKENS_OPTION,
+    on_policy_share: float = ON_POLICY_OPTION,
     rate_limit: int = typer.Option(
         default_of(RateLimit, "votes"),
         "--rate-limit",
@@ -103,7 +117,8 @@ def arena(
     """Open the Gradio arena: two anonymous answers, four vote buttons, a leaderboard with lineage."""
     from loraflow.arena.ui import build_arena
 
-    built = _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, RateLimit(votes=rate_limit))
+    limit = RateLimit(votes=rate_limit)
+    built = _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, limit, on_policy_share)
     blocks = build_arena(built)
     where = f"http://{host}:{port} (server {server}, votes {built.store.location})"
     typer.echo(f"arena for {', '.join(names)} on {where}", err=True)
@@ -118,19 +133,25 @@ AFTER_OPTION = typer.Option(0, "--after", help="Only votes with a sequence numbe
 
 def votes_export(
     name: str = VOTED_NAME_ARGUMENT,
-    out: Path = typer.Option(..., "--out", help="The JSONL file to write (prompt/chosen/rejected)."),
+    out: Path = typer.Option(..., "--out", help="The JSONL file to write."),
     votes: Optional[str] = VOTES_OPTION,
     after: int = AFTER_OPTION,
+    data_format: str = typer.Option(
+        "preference",
+        "--format",
+        help=(
+            "preference: TRL prompt/chosen/rejected pairs from A/B votes, for dpo and ppo; ties are counted and left "
+            "out, both-bad votes go to a side file. unpaired: TRL prompt/completion/label records, two per vote "
+            "(A or B: the winner's answer true, the loser's false; tie: both true; both_bad: both false), for kto."
+        ),
+    ),
 ):
-    """Write A/B votes as TRL preference pairs; ties are counted and left out, both-bad votes go to a side file."""
+    """Write the votes as training data: TRL preference pairs (the default) or unpaired, labelled answers."""
     from loraflow.arena.export import export_votes_of
     from loraflow.arena.votes import VoteStore
 
-    report = export_votes_of(VoteStore(votes, rate_limit=None, create=False), name, out, after_seq=after)
-    typer.echo(f"{report.pairs} pairs → {report.out}")
-    typer.echo(f"{report.ties} ties left out")
-    side = f" → {report.both_bad_out}" if report.both_bad_out else ""
-    typer.echo(f"{report.both_bad} both-bad votes kept aside{side}")
+    store = VoteStore(votes, rate_limit=None, create=False)
+    report = export_votes_of(store, name, out, after_seq=after, data_format=data_format)
     summary = {
         "pairs": report.pairs,
         "ties": report.ties,
@@ -138,6 +159,15 @@ def votes_export(
         "first_seq": report.first_seq,
         "last_seq": report.last_seq,
     }
+    if report.data_format == "unpaired":
+        typer.echo(f"{report.desirable} desirable and {report.undesirable} undesirable answers → {report.out}")
+        typer.echo(f"from {report.pairs} A/B votes, {report.ties} ties and {report.both_bad} both-bad votes")
+        summary |= {"format": report.data_format, "desirable": report.desirable, "undesirable": report.undesirable}
+    else:
+        typer.echo(f"{report.pairs} pairs → {report.out}")
+        typer.echo(f"{report.ties} ties left out")
+        side = f" → {report.both_bad_out}" if report.both_bad_out else ""
+        typer.echo(f"{report.both_bad} both-bad votes kept aside{side}")
     typer.echo(json.dumps(summary))
 
 
@@ -205,6 +235,8 @@ def votes_simulate(
     base: str = BASE_OPTION,
     no_base: bool = NO_BASE_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and pairings."),
+    max_tokens: int = MAX_TOKENS_OPTION,
+    on_policy_share: float = ON_POLICY_OPTION,
     api_key: str = API_KEY_OPTION,
     judge_name: str = JUDGE_OPTION,
     judge_model: Optional[str] = JUDGE_MODEL_OPTION,
@@ -217,7 +249,7 @@ def votes_simulate(
     from loraflow.arena.judge import judge_session, prompts_from, simulate_votes
 
     voter = _judge(judge_name, judge_model, judge_server or server, api_key)
-    built = _arena(ctx, names, server, votes, base, no_base, api_key, SIMULATED_MAX_TOKENS, None)
+    built = _arena(ctx, names, server, votes, base, no_base, api_key, max_tokens, None, on_policy_share)
     outcomes: dict[str, int] = {}
     batch = 10
     for start in track(range(0, rounds, batch), description=f"{voter.name} judge's votes ({rounds} rounds)"):
@@ -233,19 +265,23 @@ def votes_leaderboard(
     ctx: typer.Context,
     names: List[str] = typer.Argument(..., help="Adapter names whose lineage to show."),
     votes: Optional[str] = VOTES_OPTION,
+    base: str = BASE_OPTION,
+    hygiene: bool = HYGIENE_OPTION,
 ):
     """Print Bradley-Terry ratings, raw and style-controlled (95% intervals), online Elo, vote counts and lineage."""
     from rich.console import Console
     from rich.table import Table
 
-    from loraflow.arena.ratings import Ratings
+    from loraflow.arena.ratings import LiveLeaderboard
     from loraflow.arena.votes import VoteStore
+    from loraflow.hub.base import resolve_base
 
     store = VoteStore(votes, rate_limit=None, create=False)
     registry = registry_from(ctx)
     for name in names:
         registry.versions(name)  # an unknown name fails before the ratings are computed
-    board = Ratings().add(store.votes()).fit()
+    screening = HygieneSettings() if hygiene else None
+    board = LiveLeaderboard(store.votes, hygiene=screening, base_names=[resolve_base(base).served_name]).refresh()
     table = Table("contestant", "Bradley-Terry (95% CI)", "style-controlled (95% CI)", "Elo", "votes", "W/L/D")
     for rating in board.ratings:
         table.add_row(
@@ -261,6 +297,9 @@ def votes_leaderboard(
     if board.votes:
         effects = ", ".join(f"{e.feature} {e.elo:+.0f} ({e.low:.0f} to {e.high:.0f})" for e in board.style)
         console.print(f"style effects, Elo per standard deviation (95% CI): {effects}")
+    if board.excluded:
+        left_out = ", ".join(f"{rule} {count}" for rule, count in board.excluded.items())
+        console.print(f"left out by vote hygiene (still stored): {left_out}")
     for name in names:
         console.print("lineage: " + " -> ".join(v.ref for v in registry.lineage(f"{name}@latest")))
 
@@ -273,6 +312,7 @@ def judge(
     ),
     server: str = SERVER_OPTION,
     api_key: str = API_KEY_OPTION,
+    max_tokens: int = MAX_TOKENS_OPTION,
     judge_name: str = JUDGE_OPTION,
     judge_model: Optional[str] = JUDGE_MODEL_OPTION,
     judge_server: Optional[str] = JUDGE_SERVER_OPTION,
@@ -284,7 +324,7 @@ def judge(
 
     voter = _judge(judge_name, judge_model, judge_server or server, api_key)
     client = OpenAI(base_url=server.rstrip("/") + "/v1", api_key=api_key)
-    result = compare(client, model_a, model_b, prompts_from(prompts), judge=voter)
+    result = compare(client, model_a, model_b, prompts_from(prompts), max_tokens=max_tokens, judge=voter)
     typer.echo(
         f"{result.prompts} held-out prompts, answers opening with Arr: "
         f"{model_a} {result.pirate_a}, {model_b} {result.pirate_b}"
@@ -319,9 +359,14 @@ def loop(
     name: str = typer.Argument(..., help="The adapter to improve from its arena votes."),
     votes: Optional[str] = VOTES_OPTION,
     votes_needed: int = setting_option(LoopSettings, "votes_needed", "--votes-needed"),
-    min_win_rate: Optional[float] = setting_option(LoopSettings, "min_win_rate", "--min-win-rate"),
-    gate_votes: int = setting_option(LoopSettings, "gate_votes", "--gate-votes"),
+    gate: bool = typer.Option(True, "--gate/--no-gate", help=help_of(LoopSettings, "gate")),
+    gate_level: float = setting_option(GateSettings, "level", "--gate-level"),
+    gate_threshold: float = setting_option(GateSettings, "threshold", "--gate-threshold"),
+    gate_min_votes: int = setting_option(GateSettings, "min_votes", "--gate-min-votes"),
+    gate_max_votes: int = setting_option(GateSettings, "max_votes", "--gate-max-votes"),
     base: str = setting_option(LoopSettings, "base", "--base"),
+    trainer: str = setting_option(LoopSettings, "trainer", "--trainer"),
+    hygiene: bool = HYGIENE_OPTION,
     set_values: List[str] = typer.Option(
         [], "--set", help="Trainer setting KEY=VALUE, e.g. --set max_steps=30 (repeatable); checked at start."
     ),
@@ -332,13 +377,15 @@ def loop(
         False, "--once", help="Take one step and exit (for cron jobs and tests); exit 1 if training failed."
     ),
 ):
-    """Watch the votes; after enough of them, DPO-train a candidate from the live version and promote (or gate) it."""
+    """Watch the votes; after enough of them, train a candidate from the live version, and let the gate promote or
+    reject it; roll a live version back once its votes show it worse than its parent."""
     settings = LoopSettings(
         name=name,
         votes_needed=votes_needed,
-        min_win_rate=min_win_rate,
-        gate_votes=gate_votes,
+        gate=GateSettings(gate_level, gate_threshold, gate_min_votes, gate_max_votes) if gate else None,
         base=base,
+        trainer=trainer,
+        hygiene=HygieneSettings() if hygiene else None,
         training_overrides=parse_settings(set_values),
         poll_s=poll_s,
         backoff_s=backoff_s,

@@ -1,8 +1,12 @@
-"""Votes to a preference dataset in TRL's prompt/chosen/rejected format.
+"""Votes to training data, in one of TRL's two preference formats (export_training_data picks by name).
 
-A vote for A or B becomes one pair. Ties say nothing about which answer is better: they are counted and
-left out. Both-bad votes are written to a separate file, so they can be used later (as negatives, or to
-collect better answers) without polluting the pairs.
+preference (prompt/chosen/rejected, for dpo and ppo): a vote for A or B becomes one pair. Ties say nothing about
+which answer is better: they are counted and left out. Both-bad votes are written to a separate file, so they can
+be used later (as negatives, or to collect better answers) without polluting the pairs.
+
+unpaired (prompt/completion/label, for kto): every vote becomes two records, one per answer, each labelled
+desirable (true) or not (false). A or B: the winner's answer true, the loser's false; tie: both true; both_bad:
+both false. So ties and both-bad votes teach too, as Chatbot Arena's buttons tell "tie" from "both are bad".
 """
 
 from __future__ import annotations
@@ -17,9 +21,17 @@ from typing import Sequence
 from loraflow.arena.votes import DECISIVE, Vote, VoteStore
 from loraflow.hub.errors import LoraflowError
 
+EXPORT_FORMATS = ("preference", "unpaired")
+# Each outcome's labels for (answer A, answer B) in unpaired data: true is a desirable answer.
+ANSWER_LABELS = {"a": (True, False), "b": (False, True), "tie": (True, True), "both_bad": (False, False)}
+
 
 @dataclass(frozen=True)
 class ExportReport:
+    """What an export wrote: `pairs`, `ties` and `both_bad` count votes of each kind. For preference data the pairs
+    are the file's lines; for unpaired data every vote gave two lines, `desirable` + `undesirable` of them.
+    first_seq/last_seq span the votes the file holds."""
+
     pairs: int
     ties: int
     both_bad: int
@@ -27,6 +39,14 @@ class ExportReport:
     last_seq: int | None
     out: Path
     both_bad_out: Path | None
+    data_format: str = "preference"
+    desirable: int = 0
+    undesirable: int = 0
+
+    @property
+    def examples(self) -> int:
+        """The training examples written to `out`."""
+        return self.pairs if self.data_format == "preference" else self.desirable + self.undesirable
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,29 @@ def preference_data(votes: Sequence[Vote]) -> PreferenceData:
     )
 
 
+def unpaired_feedback(votes: Sequence[Vote]) -> list[dict]:
+    """Two TRL unpaired records per vote, answer A's then answer B's, labelled by ANSWER_LABELS, with the
+    contestant that gave the answer."""
+    records = []
+    for vote in votes:
+        label_a, label_b = ANSWER_LABELS[vote.outcome]
+        for answer, model, label in (
+            (vote.answer_a, vote.contestant_a, label_a),
+            (vote.answer_b, vote.contestant_b, label_b),
+        ):
+            records.append(
+                {
+                    "prompt": vote.prompt,
+                    "completion": answer,
+                    "label": label,
+                    "model": model,
+                    "vote_id": vote.vote_id,
+                    "seq": vote.seq,
+                }
+            )
+    return records
+
+
 def _write_jsonl(records: list[dict], path: Path) -> None:
     """Write beside the target and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +160,47 @@ def export_preferences(votes: Sequence[Vote], out: str | Path) -> ExportReport:
     )
 
 
+def export_unpaired(votes: Sequence[Vote], out: str | Path) -> ExportReport:
+    out = Path(out)
+    records = unpaired_feedback(votes)
+    _write_jsonl(records, out)
+    desirable = sum(record["label"] for record in records)
+    outcomes = [vote.outcome for vote in votes]
+    return ExportReport(
+        pairs=sum(outcome in DECISIVE for outcome in outcomes),
+        ties=outcomes.count("tie"),
+        both_bad=outcomes.count("both_bad"),
+        first_seq=min((vote.seq for vote in votes), default=None),
+        last_seq=max((vote.seq for vote in votes), default=None),
+        out=out,
+        both_bad_out=None,
+        data_format="unpaired",
+        desirable=desirable,
+        undesirable=len(records) - desirable,
+    )
+
+
+def training_records(votes: Sequence[Vote], data_format: str) -> list[dict]:
+    """The records `export_training_data` would write for these votes, in memory."""
+    check_export_format(data_format)
+    return preference_pairs(votes) if data_format == "preference" else unpaired_feedback(votes)
+
+
+def check_export_format(data_format: str) -> None:
+    if data_format not in EXPORT_FORMATS:
+        raise LoraflowError(
+            f"votes cannot be exported as {data_format!r} data; the formats are {', '.join(EXPORT_FORMATS)} "
+            "(preference for dpo and ppo, unpaired for kto)."
+        )
+
+
+def export_training_data(votes: Sequence[Vote], out: str | Path, data_format: str) -> ExportReport:
+    """Votes as the training data a trainer of `data_format` reads: preference pairs or unpaired records."""
+    check_export_format(data_format)
+    export = export_preferences if data_format == "preference" else export_unpaired
+    return export(votes, out)
+
+
 def votes_of(store: VoteStore, name: str, after_seq: int = 0) -> list[Vote]:
     """The votes on any version of `name`; a name nobody voted on is refused, naming those with votes."""
     voted = store.adapter_names()
@@ -128,6 +212,10 @@ def votes_of(store: VoteStore, name: str, after_seq: int = 0) -> list[Vote]:
     return store.votes(name=name, after_seq=after_seq)
 
 
-def export_votes_of(store: VoteStore, name: str, out: str | Path, after_seq: int = 0) -> ExportReport:
-    """The votes on any version of `name` as preference data; a name nobody voted on is refused before writing."""
-    return export_preferences(votes_of(store, name, after_seq), out)
+def export_votes_of(
+    store: VoteStore, name: str, out: str | Path, after_seq: int = 0, data_format: str = "preference"
+) -> ExportReport:
+    """The votes on any version of `name` as `data_format` data; a name nobody voted on, or an unknown format, is
+    refused before writing."""
+    check_export_format(data_format)
+    return export_training_data(votes_of(store, name, after_seq), out, data_format)

@@ -1,7 +1,8 @@
 """Judges, the simulated voter that votes with one, and `compare`, which scores two served models with one.
 
-A judge is a plugin (the `register_judges` hook): `pirate`, the rule-based judge below (an answer that opens
-with "Arr" is better), and `llm` (loraflow.arena.llm_judge) are built in. The voter plays rounds through
+A judge is a plugin (the `register_judges` hook). Built in: two rule-based judges below, `pirate` (an answer
+that opens with "Arr" is better) and `concise` (the clearly shorter answer is better), one for each shipped
+task, and `llm` (loraflow.arena.llm_judge), which asks a served model. The voter plays rounds through
 `Arena.play` and `Arena.vote`, the same calls the Gradio buttons make, under session ids `judge-NAME-...`,
 so a judge's votes can always be told apart from a person's.
 """
@@ -63,6 +64,30 @@ class PirateJudge:
 
     def judge(self, prompt: str, answer_a: str, answer_b: str) -> str:
         return pirate_rule(answer_a, answer_b)
+
+
+CLEARLY_SHORTER = 0.8  # an answer shorter than this share of the other's length is clearly shorter
+
+
+def concise_rule(answer_a: str, answer_b: str) -> str:
+    """The clearly shorter of two non-empty answers wins, in words; an empty answer loses; close lengths tie."""
+    a, b = len(answer_a.split()), len(answer_b.split())
+    if not a or not b:
+        return "both_bad" if a == b else ("a" if a else "b")
+    if min(a, b) >= CLEARLY_SHORTER * max(a, b):
+        return "tie"
+    return "a" if a < b else "b"
+
+
+class ConciseJudge:
+    name = "concise"
+    description = "Rule-based: the clearly shorter answer wins (under 80% of the other's words); an empty one loses."
+
+    def __init__(self, settings: JudgeSettings | None = None):
+        pass
+
+    def judge(self, prompt: str, answer_a: str, answer_b: str) -> str:
+        return concise_rule(answer_a, answer_b)
 
 
 def load_judge(name: str = DEFAULT_JUDGE, settings: JudgeSettings | None = None) -> Judge:
@@ -160,7 +185,7 @@ class Comparison:
 
 
 def compare(
-    client, model_a: str, model_b: str, prompts: Sequence[str], max_tokens: int = 24, judge: Judge | None = None
+    client, model_a: str, model_b: str, prompts: Sequence[str], max_tokens: int = 96, judge: Judge | None = None
 ) -> Comparison:
     """Ask both models every prompt (temperature 0) through the serving endpoint and count `judge`'s verdicts
     (the pirate judge by default)."""
@@ -191,3 +216,4 @@ def compare(
 @hookimpl
 def register_judges(register) -> None:
     register(PirateJudge)
+    register(ConciseJudge)

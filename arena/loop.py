@@ -1,11 +1,12 @@
-"""The feedback loop: arena votes on the live version become its successor, trained with DPO and promoted.
+"""The feedback loop: arena votes on the live version become its successor, trained (DPO by default) and gated.
 
 Everything the loop decides is derived from the registry and the vote store, so a loop process can die at
 any point and the next one carries on from what is recorded:
 - the live version is the registry's live state (the server answers a bare NAME with it);
 - votes already learned from are those up to the `last_seq` in the provenance of a child of the live version;
 - the candidate is the newest version in state candidate whose parent is live; without a gate it is promoted at
-  once, with a gate the arena pairs it with its parent until `gate_votes` head-to-head votes promote or reject it;
+  once, with one (loraflow.arena.gate) the arena pairs it with its parent until their votes promote or reject it;
+- a live version whose head-to-head votes show it worse than its parent is rolled back, gate or not;
 - failed trainings are `train-failed` events in the name's history; the ones in a row set the back-off.
 A loop that only waits writes nothing. A file lock beside the registry lets only one retrain run at a time.
 """
@@ -17,16 +18,19 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Sequence
 
 from filelock import FileLock, Timeout
 
-from loraflow.arena.export import export_preferences
-from loraflow.arena.matchmaking import head_to_head
+from loraflow.arena.export import EXPORT_FORMATS, export_training_data
+from loraflow.arena.gate import PROMOTE, ROLLBACK, UNDECIDED, Verdict, judge_candidate, watch_live
+from loraflow.arena.hygiene import Excluded, screen
 from loraflow.arena.screening import SetAside, screen_votes
-from loraflow.arena.settings import LoopSettings, trainer_config
-from loraflow.arena.votes import DECISIVE, Vote, VoteStore
+from loraflow.arena.settings import GateSettings, LoopSettings, trainer_config
+from loraflow.arena.votes import DECISIVE, OUTCOMES, Vote, VoteStore
 from loraflow.hub.base import cache_dir, resolve_base
 from loraflow.hub.errors import LoraflowError
+from loraflow.hub.plugins import get_plugins
 from loraflow.hub.registry import CANDIDATE, AdapterVersion, HistoryEvent, Registry, RegistrySnapshot
 
 __all__ = ["FeedbackLoop", "LoopEvent", "LoopSettings", "learned_up_to", "trainer_config"]
@@ -54,9 +58,12 @@ def learned_up_to(registry: Registry | RegistrySnapshot, parent: AdapterVersion)
     return max((v.provenance.get("votes", {}).get("last_seq", 0) for v in children), default=0)
 
 
-def pending_votes(registry: Registry | RegistrySnapshot, store: VoteStore, live: AdapterVersion) -> list[Vote]:
+def pending_votes(
+    registry: Registry | RegistrySnapshot, store: VoteStore, live: AdapterVersion, outcomes: Sequence[str] = DECISIVE
+) -> list[Vote]:
+    """The votes on the live version that no child of it has learned from, of the outcomes the trainer learns from."""
     after = learned_up_to(registry, live)
-    return [v for v in store.votes(contestants=[live.ref], after_seq=after) if v.outcome in DECISIVE]
+    return [v for v in store.votes(contestants=[live.ref], after_seq=after) if v.outcome in outcomes]
 
 
 def candidate(snapshot: RegistrySnapshot, live: AdapterVersion) -> AdapterVersion | None:
@@ -65,10 +72,14 @@ def candidate(snapshot: RegistrySnapshot, live: AdapterVersion) -> AdapterVersio
     return waiting[-1] if waiting else None
 
 
-def wins_of(votes: list[Vote], contestant: str) -> tuple[int, int]:
-    """How many decisive votes `contestant` won, and how many decisive votes there were."""
-    decisive = [v for v in votes if v.outcome in DECISIVE]
-    return sum(v.winner == contestant for v in decisive), len(decisive)
+def gate_metrics(verdict: Verdict) -> dict[str, float]:
+    estimate = verdict.estimate
+    return {
+        "arena_win_probability_vs_parent": estimate.probability,
+        "arena_win_probability_low": estimate.low,
+        "arena_win_probability_high": estimate.high,
+        "arena_gate_votes": estimate.games,
+    }
 
 
 def failures_in_a_row(history: list[HistoryEvent]) -> tuple[int, datetime | None]:
@@ -103,6 +114,15 @@ class FeedbackLoop:
                 f"{live.ref} was trained on {live.base['name']}, not on {self.base.name}; "
                 f"pass --base {live.base['name']}."
             )
+        self.data_format = get_plugins().trainer(settings.trainer).trainer_class.data_format
+        if self.data_format not in EXPORT_FORMATS:
+            raise LoraflowError(
+                f"the {settings.trainer} trainer reads {self.data_format} data; votes become "
+                f"{' or '.join(EXPORT_FORMATS)} data: the loop trains with dpo, kto, ppo or a plugin reading them."
+            )
+        # Pairs need a winner; unpaired feedback (kto) learns from ties and both-bad votes too.
+        self.outcomes = DECISIVE if self.data_format == "preference" else OUTCOMES
+        self.kind = "decisive votes" if self.data_format == "preference" else "votes"
         self.lock = FileLock(str(registry.path) + f".loop-{settings.name}.lock")
         self._tokenizer = None
 
@@ -131,6 +151,9 @@ class FeedbackLoop:
         live = snapshot.live(name)
         if live is None:
             return LoopEvent("wait", f"{name} has no live version; promote one with `loraflow promote {name}@V`.")
+        rolled_back = self._watch(snapshot, live)
+        if rolled_back is not None:
+            return rolled_back
         waiting = candidate(snapshot, live)
         if waiting is not None:
             return self._judge_candidate(waiting, live)
@@ -140,12 +163,15 @@ class FeedbackLoop:
             if retry_in > 0:
                 detail = f"training from {live.ref} failed {failures} time(s) in a row; next try in {retry_in:.0f} s."
                 return LoopEvent("backoff", detail, live.ref, retry_in_s=retry_in)
-        votes = pending_votes(snapshot, self.store, live)
+        votes = pending_votes(snapshot, self.store, live, self.outcomes)
         if len(votes) < needed:
-            return LoopEvent("wait", f"{live.ref} has {len(votes)}/{needed} new decisive votes.", live.ref)
-        trainable, set_aside = screen_votes(votes, self.tokenizer(), self.config.max_length)
+            return LoopEvent("wait", f"{live.ref} has {len(votes)}/{needed} new {self.kind}.", live.ref)
+        excluded = self._excluded_by_hygiene()
+        usable = [v for v in votes if v.vote_id not in excluded]
+        trainable, set_aside = screen_votes(usable, self.tokenizer(), self.config.max_length, self.data_format)
+        set_aside = [SetAside(e.vote_id, e.seq, e.reason) for v in votes if (e := excluded.get(v.vote_id))] + set_aside
         if len(trainable) < needed:
-            detail = f"{live.ref} has {len(trainable)}/{needed} new decisive votes to train on; "
+            detail = f"{live.ref} has {len(trainable)}/{needed} new {self.kind} to train on; "
             detail += f"{len(set_aside)} set aside."
             return LoopEvent("wait", detail, live.ref, set_aside=len(set_aside))
         try:
@@ -153,13 +179,28 @@ class FeedbackLoop:
         except Exception as error:  # any failure of one training: record it, back off, keep the loop alive
             return self._training_failed(live, error, len(set_aside))
         learned = f"trained {trained.ref} from {live.ref} on {len(trainable)} votes ({len(set_aside)} set aside)"
-        if self.settings.min_win_rate is None:
+        if self.settings.gate is None:
             started = time.perf_counter()
-            self.registry.promote(trained.ref, actor=ACTOR, reason=f"{learned}; no gate (min_win_rate unset)")
+            self.registry.promote(trained.ref, actor=ACTOR, reason=f"{learned}; no gate")
             timings["promote"] = time.perf_counter() - started
             return LoopEvent("promoted", f"{learned}; now live.", trained.ref, timings, len(set_aside))
         detail = f"{learned}; the arena pairs it with {live.ref} until the gate decides."
         return LoopEvent("trained", detail, trained.ref, timings, len(set_aside))
+
+    def _head_to_head(self, first: str, second: str) -> list[Vote]:
+        """The votes between two versions that count: none that vote hygiene leaves out sways the gate."""
+        votes = self.store.votes(between=(first, second))
+        if not votes:
+            return votes
+        excluded = self._excluded_by_hygiene()
+        return [v for v in votes if v.vote_id not in excluded]
+
+    def _excluded_by_hygiene(self) -> dict[str, Excluded]:
+        """The votes vote hygiene leaves out, by id; it reads every vote, since its rules read whole sessions."""
+        if self.settings.hygiene is None:
+            return {}
+        names = (self.base.served_name, self.base.hub_id)
+        return {e.vote_id: e for e in screen(self.store.votes(), self.settings.hygiene, names).excluded}
 
     def _training_failed(self, live: AdapterVersion, error: Exception, set_aside: int) -> LoopEvent:
         reason = one_line(error)
@@ -171,23 +212,33 @@ class FeedbackLoop:
         return LoopEvent(TRAIN_FAILED, detail, live.ref, set_aside=set_aside, retry_in_s=retry_in)
 
     def _judge_candidate(self, new: AdapterVersion, live: AdapterVersion) -> LoopEvent:
-        if self.settings.min_win_rate is None:
-            reason = f"candidate trained from {live.ref}; no gate (min_win_rate unset)"
+        gate = self.settings.gate
+        if gate is None:
+            reason = f"candidate trained from {live.ref}; no gate; rolled back if shown worse"
             self.registry.promote(new.ref, actor=ACTOR, reason=reason)
             return LoopEvent("promoted", f"{new.ref} (trained before this run) is now live.", new.ref)
-        wins, decided = wins_of(head_to_head(self.store.votes(contestants=[new.ref]), new.ref, live.ref), new.ref)
-        if decided < self.settings.gate_votes:
-            detail = f"{new.ref} vs {live.ref}: {decided}/{self.settings.gate_votes} decisive votes for the gate."
+        verdict = judge_candidate(self._head_to_head(new.ref, live.ref), new.ref, live.ref, gate)
+        self.registry.record_metrics(new.ref, gate_metrics(verdict))
+        if verdict.action == UNDECIDED:
+            detail = f"{new.ref} vs {live.ref}: {verdict.reason}; the gate waits for more votes."
             return LoopEvent("wait", detail, new.ref)
-        rate = wins / decided
-        self.registry.record_metrics(new.ref, {"arena_win_rate_vs_parent": rate, "arena_gate_votes": decided})
-        asked = self.settings.min_win_rate
-        verdict = f"won {wins} of {decided} decisive votes against {live.ref} ({rate:.0%}; the gate asks {asked:.0%})"
-        if rate >= asked:
-            self.registry.promote(new.ref, actor=ACTOR, reason=verdict)
-            return LoopEvent("promoted", f"{new.ref} {verdict}; now live.", new.ref)
-        self.registry.reject(new.ref, actor=ACTOR, reason=verdict)
-        return LoopEvent("rejected", f"{new.ref} {verdict}; rejected, {live.ref} stays live.", new.ref)
+        if verdict.action == PROMOTE:
+            self.registry.promote(new.ref, actor=ACTOR, reason=verdict.reason)
+            return LoopEvent("promoted", f"{new.ref}: {verdict.reason}; now live.", new.ref)
+        self.registry.reject(new.ref, actor=ACTOR, reason=verdict.reason)
+        return LoopEvent("rejected", f"{new.ref}: {verdict.reason}; rejected, {live.ref} stays live.", new.ref)
+
+    def _watch(self, snapshot: RegistrySnapshot, live: AdapterVersion) -> LoopEvent | None:
+        """Roll the live version back once its head-to-head votes show it worse than its parent."""
+        if not live.parent or not snapshot.has(live.name):
+            return None
+        gate = self.settings.gate or GateSettings()
+        verdict = watch_live(self._head_to_head(live.ref, live.parent), live.ref, live.parent, gate)
+        if verdict.action != ROLLBACK:
+            return None
+        self.registry.record_metrics(live.ref, gate_metrics(verdict))
+        restored = self.registry.rollback(live.name, actor=ACTOR, reason=f"after its promotion, {verdict.reason}")
+        return LoopEvent("rolled back", f"{live.ref}: {verdict.reason}; {restored.ref} is live again.", live.ref)
 
     def _train(
         self, live: AdapterVersion, votes: list[Vote], trainable: list[Vote], set_aside: list[SetAside]
@@ -198,13 +249,15 @@ class FeedbackLoop:
         started = time.perf_counter()
         first, last = votes[0].seq, votes[-1].seq  # set-aside votes count as learned, so they are not screened again
         data = Path(cache_dir()) / "loop" / f"{live.name}-v{live.version}-votes-{first}-{last}.jsonl"
-        report = export_preferences(trainable, data)
+        report = export_training_data(trainable, data, self.data_format)
         if set_aside:
             lines = [json.dumps({"vote_id": s.vote_id, "seq": s.seq, "reason": s.reason}) for s in set_aside]
             data.with_name(data.stem + ".set_aside.jsonl").write_text("\n".join(lines) + "\n")
         timings["export"] = time.perf_counter() - started
         started = time.perf_counter()
         votes_record = {"first_seq": first, "last_seq": last, "pairs": report.pairs, "set_aside": len(set_aside)}
+        if self.data_format != "preference":
+            votes_record["examples"] = report.examples
         trained = run_training(
             self.settings.trainer,
             data=data,

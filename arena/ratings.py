@@ -19,13 +19,15 @@ import logging
 import math
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable, Sequence
 
 import numpy as np
 
+from loraflow.arena.hygiene import screen
+from loraflow.arena.settings import HygieneSettings
 from loraflow.arena.votes import Vote
 
 ELO_START = 1000.0
@@ -90,10 +92,12 @@ class Board:
     votes: int = 0
     last_seq: int = 0
     elo_series: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)  # votes vote hygiene left out, per rule
 
 
 def matches_from_votes(votes: Sequence[Vote]) -> list[Match]:
-    return [Match(v.contestant_a, v.contestant_b, SCORES[v.outcome], v.seq) for v in votes]
+    """The votes between two different contestants: two samples of one version say nothing about its rating."""
+    return [Match(v.contestant_a, v.contestant_b, SCORES[v.outcome], v.seq) for v in votes if not v.same_contestant]
 
 
 def online_elo(matches: Sequence[Match], k: float = ELO_K) -> dict[str, float]:
@@ -236,6 +240,46 @@ def bradley_terry(matches: Sequence[Match], prior: float = PRIOR) -> dict[str, f
     return {name: float(centre[i]) for i, name in enumerate(names)}
 
 
+@dataclass(frozen=True)
+class WinProbability:
+    """Bradley-Terry's probability that `first` beats `second`, with its interval, from their head-to-head votes."""
+
+    first: str
+    second: str
+    probability: float
+    low: float
+    high: float
+    games: int  # head-to-head votes, draws included
+    level: float = LEVEL
+
+
+def win_probability(
+    votes: Sequence[Vote], first: str, second: str, level: float = LEVEL, prior: float = PRIOR
+) -> WinProbability:
+    """From the votes between `first` and `second` alone (ties and both-bad count half); the prior's virtual draws
+    keep the interval wide and finite after a handful of votes."""
+    rows = [v for v in votes if {v.contestant_a, v.contestant_b} == {first, second} and first != second]
+    first_index = np.array([0 if v.contestant_a == first else 1 for v in rows], dtype=int)
+    score = np.array([SCORES[v.outcome] for v in rows], dtype=float)
+    fit = _fit_logistic(2, first_index, 1 - first_index, score, np.ones(len(rows)), np.zeros((len(rows), 0)), prior)
+    difference = fit.params[0] - fit.params[1]
+    spread = math.sqrt(max(fit.covariance[0, 0] + fit.covariance[1, 1] - 2 * fit.covariance[0, 1], 0.0))
+    z = NormalDist().inv_cdf((1 + level) / 2)
+
+    def sigmoid(x: float) -> float:
+        return 1.0 / (1.0 + math.exp(-x))
+
+    return WinProbability(
+        first,
+        second,
+        sigmoid(difference),
+        sigmoid(difference - z * spread),
+        sigmoid(difference + z * spread),
+        len(rows),
+        level,
+    )
+
+
 class Ratings:
     """What the fits need, kept up to date one vote at a time: per-pair games and scores for the raw fit, one
     row of style differences per vote for the style-controlled fit, tallies and online Elo. `fit` starts from the
@@ -277,12 +321,16 @@ class Ratings:
         first, second, score, style = [], [], [], []
         for vote in votes:
             a, b, s = self._contestant(vote.contestant_a), self._contestant(vote.contestant_b), SCORES[vote.outcome]
-            self._pair_games[a, b] += 1
-            self._pair_score[a, b] += s
             first.append(a)
             second.append(b)
             score.append(s)
             style.append(style_difference(vote.answer_a, vote.answer_b))
+            self.last_seq = max(self.last_seq, vote.seq)
+            self.count += 1
+            if a == b:  # two samples of one version: no rating evidence, but the cleanest evidence about style
+                continue
+            self._pair_games[a, b] += 1
+            self._pair_score[a, b] += s
             if s == 0.5:
                 self._tallies[a][2] += 1
                 self._tallies[b][2] += 1
@@ -290,13 +338,11 @@ class Ratings:
                 winner, loser = (a, b) if s == 1.0 else (b, a)
                 self._tallies[winner][0] += 1
                 self._tallies[loser][1] += 1
-            self.count += 1
             _elo_step(self._elo, Match(vote.contestant_a, vote.contestant_b, s), ELO_K)
             for name in (vote.contestant_a, vote.contestant_b):
                 numbers, values = self._series[name]
                 numbers.append(self.count)
                 values.append(self._elo[name])
-            self.last_seq = max(self.last_seq, vote.seq)
         if first:
             self._first = np.concatenate([self._first, first])
             self._second = np.concatenate([self._second, second])
@@ -332,7 +378,7 @@ class Ratings:
             rows.append(
                 Rating(
                     name,
-                    self._elo[name],
+                    self._elo.get(name, ELO_START),  # a version seen only against itself has played no match
                     float(bt[i]),
                     float(bt[i] - bt_width[i]),
                     float(bt[i] + bt_width[i]),
@@ -378,10 +424,20 @@ class LiveLeaderboard:
     refits when there are any. `latest` returns the last finished fit and never computes; `wake` asks for a
     refit now (after a vote) instead of at the next poll."""
 
-    def __init__(self, read_votes: Callable[..., list[Vote]], poll_s: float = 2.0):
+    def __init__(
+        self,
+        read_votes: Callable[..., list[Vote]],
+        poll_s: float = 2.0,
+        hygiene: HygieneSettings | None = None,
+        base_names: Sequence[str] = (),
+    ):
         self._read_votes = read_votes  # VoteStore.votes: called with after_seq=
         self.poll_s = poll_s
+        self.hygiene, self.base_names = hygiene, tuple(base_names)
         self._ratings = Ratings()
+        self._seen_seq = 0
+        self._votes: list[Vote] = []  # with hygiene, every vote read: its rules read each session's whole history
+        self._excluded: set[str] = set()
         self._board: Board | None = None
         self._refit_lock = threading.Lock()
         self._start_lock = threading.Lock()
@@ -392,10 +448,24 @@ class LiveLeaderboard:
     def refresh(self) -> Board:
         """Read the new votes and refit; the thread's loop, and a direct call where the caller must see every vote."""
         with self._refit_lock:
-            new = self._read_votes(after_seq=self._ratings.last_seq)
+            new = self._read_votes(after_seq=self._seen_seq)
             if new or self._board is None:
-                self._board = self._ratings.add(new).fit()
+                self._seen_seq = max([self._seen_seq, *(v.seq for v in new)])
+                self._board = self._refit(new)
             return self._board
+
+    def _refit(self, new: list[Vote]) -> Board:
+        if self.hygiene is None:
+            return self._ratings.add(new).fit()
+        self._votes += new
+        screened = screen(self._votes, self.hygiene, self.base_names)
+        excluded = screened.excluded_ids()
+        if excluded - {v.vote_id for v in new} != self._excluded:  # an earlier vote changed side: refit from scratch
+            self._ratings = Ratings(self._ratings.prior, self._ratings.level).add(screened.kept)
+        else:
+            self._ratings.add([v for v in new if v.vote_id not in excluded])
+        self._excluded = excluded
+        return replace(self._ratings.fit(), excluded=screened.counts())
 
     def latest(self) -> Board | None:
         """The last fit, or None before the first one finished; starts the thread on first use."""

@@ -14,8 +14,9 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Iterator
 
-from loraflow.arena.matchmaking import Pairing, choose_pair
-from loraflow.arena.ratings import Board, LiveLeaderboard, Rating, matches_from_votes, online_elo
+from loraflow.arena.gate import needs_votes
+from loraflow.arena.matchmaking import Pairing, choose_pair, shuffled
+from loraflow.arena.ratings import Board, LiveLeaderboard, Rating
 from loraflow.arena.settings import ArenaSettings
 from loraflow.arena.votes import BASE_CONTESTANT, Recorded, Vote, VoteStore
 from loraflow.hub.registry import REJECTED, AdapterVersion, Registry
@@ -52,7 +53,8 @@ class Arena:
             base_url=settings.server_url.rstrip("/") + "/v1", api_key=settings.api_key, max_retries=2
         )
         self._base_model = settings.base_model
-        self.live_leaderboard = LiveLeaderboard(store.votes)
+        base_names = [settings.base_model] if settings.base_model else []
+        self.live_leaderboard = LiveLeaderboard(store.votes, hygiene=settings.hygiene, base_names=base_names)
 
     def contestants(self) -> list[str]:
         """The base, each name's newest versions that were not rejected, and its live version even when older."""
@@ -65,14 +67,38 @@ class Arena:
             found += recent + ([live.ref] if live and live.ref not in recent else [])
         return found
 
+    def live_versions(self) -> list[str]:
+        snapshot = self.registry.snapshot()
+        return [live.ref for live in map(snapshot.live, self.settings.names) if live is not None]
+
     def focus(self) -> tuple[str, str] | None:
-        """The newest version of the first arena adapter against its parent, unless it was rejected."""
+        """The newest version of an arena adapter and its parent, while their head-to-head votes would still decide
+        the gate (a candidate) or the watch after a promotion (a live version); None when nothing waits on votes."""
         snapshot = self.registry.snapshot()
         for name in self.settings.names:
             newest = snapshot.latest(name)
-            if newest.parent and not is_rejected(newest):
+            if not newest.parent or is_rejected(newest):
+                continue
+            votes = self.store.votes(between=(newest.ref, newest.parent))
+            if needs_votes(votes, newest.ref, newest.parent, self.settings.gate):
                 return newest.ref, newest.parent
         return None
+
+    def pairing(self, rng: random.Random) -> Pairing:
+        """On-policy rounds first (two samples of a live version, at `on_policy_share`), then the pair the gate is
+        waiting on, then any two contestants. Reads no vote beyond the focused pair's: counts and ratings come
+        from the background leaderboard's last fit."""
+        live = self.live_versions()
+        if live and rng.random() < self.settings.on_policy_share:
+            own = rng.choice(live)
+            return Pairing(own, own)
+        focus = self.focus()
+        if focus is not None:
+            return shuffled(*focus, rng)
+        board = self.live_leaderboard.latest()
+        rows = board.ratings if board else ()
+        counts = {row.contestant: row.votes for row in rows}
+        return choose_pair(self.contestants(), counts, {row.contestant: row.bt for row in rows}, rng)
 
     def model_for(self, contestant: str) -> str:
         """The model name the server knows a contestant by: NAME@V for a version, the served base otherwise."""
@@ -84,16 +110,7 @@ class Arena:
         return self._base_model
 
     def new_round(self, prompt: str, rng: random.Random) -> Round:
-        votes = self.store.votes()
-        pairing = choose_pair(
-            self.contestants(),
-            votes,
-            online_elo(matches_from_votes(votes)),
-            rng,
-            focus=self.focus(),
-            focus_votes=self.settings.focus_votes,
-        )
-        return Round(uuid.uuid4().hex, prompt, pairing)
+        return Round(uuid.uuid4().hex, prompt, self.pairing(rng))
 
     def regenerate(self, current: Round) -> Round:
         """Fresh answers from the same two contestants, under a new vote id."""

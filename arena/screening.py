@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from loraflow.arena.export import preference_pairs
+from loraflow.arena.export import training_records
 from loraflow.arena.votes import Vote
 from loraflow.hub.data import CHECKS, DataError, check_lengths
 
@@ -22,24 +22,26 @@ class SetAside:
     reason: str
 
 
-def unusable_because(vote: Vote, tokenizer, max_length: int) -> str | None:
-    """Why a decisive vote cannot be trained on, or None when it can."""
-    pair = preference_pairs([vote])[0]
-    problem = CHECKS["preference"](pair)
-    if problem:
-        return problem
-    try:
-        check_lengths([{**pair, "_line": vote.seq}], Path("votes"), tokenizer, max_length, "preference")
-    except DataError as error:
-        return error.problems[0].message
+def unusable_because(vote: Vote, tokenizer, max_length: int, data_format: str = "preference") -> str | None:
+    """Why a vote cannot be trained on as `data_format` data, or None when it can."""
+    for record in training_records([vote], data_format):
+        problem = CHECKS[data_format](record)
+        if problem:
+            return problem
+        try:
+            check_lengths([{**record, "_line": vote.seq}], Path("votes"), tokenizer, max_length, data_format)
+        except DataError as error:
+            return error.problems[0].message
     return None
 
 
-def screen_votes(votes: Sequence[Vote], tokenizer, max_length: int) -> tuple[list[Vote], list[SetAside]]:
+def screen_votes(
+    votes: Sequence[Vote], tokenizer, max_length: int, data_format: str = "preference"
+) -> tuple[list[Vote], list[SetAside]]:
     """The votes to train on, and the ones set aside with their reasons."""
     kept, aside = [], []
     for vote in votes:
-        reason = unusable_because(vote, tokenizer, max_length)
+        reason = unusable_because(vote, tokenizer, max_length, data_format)
         if reason is None:
             kept.append(vote)
         else:

@@ -23,6 +23,80 @@ class RateLimit:
     window_s: float = field(default=60.0, metadata={"help": "The rate limit's window in seconds."})
 
 
+@dataclass(frozen=True)
+class HygieneSettings:
+    """Which stored votes count (loraflow.arena.hygiene): caps, pace and two tests against chance per session."""
+
+    daily_cap: int = field(
+        default=500,
+        metadata={"help": "Votes one session may cast per UTC day; later ones that day are excluded (judges exempt)."},
+    )
+    min_interval_s: float = field(
+        default=1.0,
+        metadata={
+            "help": "A vote sooner than this after the same session's previous one is excluded as rapid-fire: "
+            "streaming two answers and reading them takes longer (judges exempt)."
+        },
+    )
+    same_side_min_votes: int = field(
+        default=12, metadata={"help": "Decisive votes a session needs before its A/B balance is tested."}
+    )
+    same_side_alpha: float = field(
+        default=0.001,
+        metadata={"help": "Exclude a session whose A/B split has a p-value under a fair coin below this."},
+    )
+    outlier_min_votes: int = field(
+        default=20,
+        metadata={"help": "Decisive votes on pairs other sessions voted on before a session's agreement is tested."},
+    )
+    outlier_alpha: float = field(
+        default=0.001,
+        metadata={
+            "help": "Exclude a session that agrees with the other sessions' majority so rarely that both a voter "
+            "like them and a coin would do so with a probability below this."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.daily_cap < 1 or self.same_side_min_votes < 1 or self.outlier_min_votes < 1:
+            raise LoraflowError(
+                f"hygiene: daily_cap {self.daily_cap}, same_side_min_votes {self.same_side_min_votes} and "
+                f"outlier_min_votes {self.outlier_min_votes} must each be at least 1."
+            )
+        if self.min_interval_s < 0:
+            raise LoraflowError(f"hygiene: min_interval_s is {self.min_interval_s}; give 0 or more seconds.")
+        for name in ("same_side_alpha", "outlier_alpha"):
+            if not 0 < getattr(self, name) < 1:
+                raise LoraflowError(f"hygiene: {name} is {getattr(self, name)}; give a p-value between 0 and 1.")
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The statistical gate's test (loraflow.arena.gate): a Bradley-Terry win probability's interval against 0.5."""
+
+    level: float = field(default=0.95, metadata={"help": "Confidence level of the win-probability interval."})
+    threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "Promote when the interval's lower bound is above this; roll back when its upper bound is below."
+        },
+    )
+    min_votes: int = field(default=10, metadata={"help": "Head-to-head votes before the gate may decide."})
+    max_votes: int = field(
+        default=100, metadata={"help": "Head-to-head votes after which a candidate not shown better is rejected."}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.level < 1:
+            raise LoraflowError(f"gate level is {self.level}; give a confidence level between 0 and 1, e.g. 0.95.")
+        if not 0 < self.threshold < 1:
+            raise LoraflowError(f"gate threshold is {self.threshold}; give a win probability between 0 and 1.")
+        if not 1 <= self.min_votes <= self.max_votes:
+            raise LoraflowError(
+                f"gate votes: min {self.min_votes}, max {self.max_votes}; need 1 <= min_votes <= max_votes."
+            )
+
+
 DEFAULT_SERVER = "http://127.0.0.1:8000"  # where `loraflow serve` listens by default
 NO_API_KEY = "EMPTY"  # what the openai client sends to a server started without --api-key
 
@@ -34,12 +108,21 @@ class ArenaSettings:
     api_key: str = NO_API_KEY
     include_base: bool = field(default=True, metadata={"help": "Let the base model compete as 'base'."})
     max_versions: int = 4
-    focus_votes: int = field(
-        default=20, metadata={"help": "Head-to-head votes a new version gets against its parent before others join."}
+    on_policy_share: float = field(
+        default=0.5,
+        metadata={"help": "Share of rounds that show two samples of the live version: the votes that move it most."},
+    )
+    gate: GateSettings = field(default_factory=GateSettings)
+    hygiene: HygieneSettings | None = field(
+        default_factory=HygieneSettings, metadata={"help": "Which votes count for the ratings; None counts every vote."}
     )
     max_tokens: int = field(default=96, metadata={"help": "Longest answer in tokens."})
     temperature: float = 0.8
     base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.on_policy_share <= 1:
+            raise LoraflowError(f"on_policy_share is {self.on_policy_share}; give a share between 0 and 1.")
 
 
 @dataclass
@@ -48,16 +131,25 @@ class LoopSettings:
     votes_needed: int = field(
         default=100, metadata={"help": "New decisive votes on the live version that start a retrain."}
     )
-    min_win_rate: float | None = field(
-        default=None,
+    gate: GateSettings | None = field(
+        default_factory=GateSettings,
         metadata={
-            "help": "Promote only when the new version wins this share of its decisive votes against its parent; "
-            "without it the new version goes live right after training."
+            "help": "Promote a new version only once its head-to-head votes show it beats its parent; without a "
+            "gate it goes live right after training. Either way a live version shown worse is rolled back."
         },
     )
-    gate_votes: int = field(default=20, metadata={"help": "Decisive head-to-head votes the win-rate gate waits for."})
     base: str = field(default=DEFAULT_BASE, metadata={"help": "The base model the adapter was trained on."})
-    trainer: str = "dpo"
+    hygiene: HygieneSettings | None = field(
+        default_factory=HygieneSettings,
+        metadata={"help": "Leave out the votes vote hygiene excludes; None trains on every vote."},
+    )
+    trainer: str = field(
+        default="dpo",
+        metadata={
+            "help": "The trainer the votes go to: dpo (pairs), kto (each answer good or bad: learns from ties and "
+            "both-bad votes too), ppo (a reward model from the pairs, then PPO), or an installed plugin's."
+        },
+    )
     training_overrides: dict = field(default_factory=dict)
     poll_s: float = field(default=5.0, metadata={"help": "Seconds between looks at the vote store."})
     backoff_s: float = field(
@@ -68,10 +160,6 @@ class LoopSettings:
     def __post_init__(self) -> None:
         if self.votes_needed < 1:
             raise LoraflowError(f"votes_needed is {self.votes_needed}; it must be at least 1.")
-        if self.min_win_rate is not None and not 0 < self.min_win_rate < 1:
-            raise LoraflowError(f"min_win_rate is {self.min_win_rate}; give a share between 0 and 1, e.g. 0.55.")
-        if self.gate_votes < 1:
-            raise LoraflowError(f"gate_votes is {self.gate_votes}; it must be at least 1.")
         if self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
             raise LoraflowError(
                 f"backoff_s {self.backoff_s} and max_backoff_s {self.max_backoff_s}: "

@@ -114,6 +114,11 @@ class Vote:
     def loser(self) -> str | None:
         return {"a": self.contestant_b, "b": self.contestant_a}.get(self.outcome)
 
+    @property
+    def same_contestant(self) -> bool:
+        """Two samples of one version (an on-policy round): they compare answers, not versions."""
+        return self.contestant_a == self.contestant_b
+
 
 @dataclass(frozen=True)
 class Recorded:
@@ -334,8 +339,6 @@ class VoteStore:
         unaffected by this vote's refusal."""
         if vote.outcome not in OUTCOMES:
             raise LoraflowError(f"vote outcome {vote.outcome!r} is not one of {', '.join(OUTCOMES)}.")
-        if vote.contestant_a == vote.contestant_b:
-            raise LoraflowError(f"a vote compares two different contestants, not {vote.contestant_a} with itself.")
         if not vote.vote_id or len(vote.vote_id) > 64:
             raise LoraflowError("a vote needs an id of 1 to 64 characters (the client makes one per round).")
         return self._group.submit(vote)
@@ -426,10 +429,22 @@ class VoteStore:
             return _row_to_vote(row)
 
     def votes(
-        self, *, contestants: Iterable[str] | None = None, name: str | None = None, after_seq: int = 0
+        self,
+        *,
+        contestants: Iterable[str] | None = None,
+        name: str | None = None,
+        between: tuple[str, str] | None = None,
+        after_seq: int = 0,
     ) -> list[Vote]:
-        """Votes in insertion order; filtered to those naming one of `contestants`, or any version of adapter `name`."""
+        """Votes in insertion order; filtered to those naming one of `contestants`, or any version of adapter `name`,
+        or to the head-to-head votes `between` two contestants."""
         query = select(VoteRow).where(VoteRow.seq > after_seq).order_by(VoteRow.seq)
+        if between is not None:
+            first, second = between
+            query = query.where(
+                ((VoteRow.contestant_a == first) & (VoteRow.contestant_b == second))
+                | ((VoteRow.contestant_a == second) & (VoteRow.contestant_b == first))
+            )
         if contestants is not None:
             wanted = list(contestants)
             query = query.where(VoteRow.contestant_a.in_(wanted) | VoteRow.contestant_b.in_(wanted))

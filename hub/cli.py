@@ -229,7 +229,8 @@ def promote(
     ref: str = typer.Argument(..., help="NAME@V (or NAME@ALIAS) to make live."),
     reason: str = typer.Option("", "--reason", help="Why, for the history."),
 ):
-    """Make NAME@V the live version: every server answers NAME with it from the next request, no restart."""
+    """Make NAME@V the live version: every server answers NAME with it from the next request, no restart. With a
+    `loraflow serve --replicas` fleet running on this registry, it returns once every replica serves it."""
     registry = registry_from(ctx)
     before = registry.live(ref.partition("@")[0])
     version = registry.promote(ref, actor="promote", reason=reason)
@@ -244,7 +245,8 @@ def rollback(
     name: str = typer.Argument(..., help="The adapter name."),
     reason: str = typer.Option("", "--reason", help="Why, for the history."),
 ):
-    """Reject the live version and make the one it replaced live again; servers switch with no restart."""
+    """Reject the live version and make the one it replaced live again; servers switch with no restart (and a
+    running `loraflow serve --replicas` fleet before this returns)."""
     registry = registry_from(ctx)
     before = registry.live(name)
     version = registry.rollback(name, actor="rollback", reason=reason)

@@ -1,12 +1,15 @@
 """Loading and validating training data before any model loads.
 
-Three formats, shown as one JSON object each:
+Four formats, shown as one JSON object each:
 - messages:   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
 - preference: {"prompt": "...", "chosen": "...", "rejected": "..."}
+- unpaired:   {"prompt": "...", "completion": "...", "label": true}, one answer judged desirable (true) or not
+              (false), TRL's unpaired preference format; a file needs answers of both labels
 - text:       {"text": "..."}, one document of raw text, for continued pre-training
 `--data` is what the `datasets` library reads: a JSONL, JSON, CSV or Parquet file, a folder of them (and of .txt
 documents, for text), or a Hub dataset id ORG/NAME with a split and a subset. Common public schemas (SCHEMAS:
-ShareGPT, Alpaca, UltraFeedback-style message lists) map onto ours, and the mapping used is named in LoadedData.
+ShareGPT, Alpaca, UltraFeedback-style message lists, TRL's conversational unpaired records) map onto ours, and the
+mapping used is named in LoadedData.
 
 JSONL (UTF-8, lines end at "\\n") is read here, line by line, so each problem is `file:line[:column]`; JSON, CSV and
 Parquet go through datasets' builders and a problem is `file:row`, rows counted from 1 (a CSV header is not a row);
@@ -26,7 +29,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from loraflow.hub.errors import LoraflowError
 
-FORMATS = ("messages", "preference", "text")
+FORMATS = ("messages", "preference", "unpaired", "text")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MAX_REPORTED = 20
@@ -41,6 +44,7 @@ PRIVATE_KEYS = ("_line", "_source")  # where a record came from, for errors; str
 EXAMPLES = {
     "messages": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}',
     "preference": '{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}',
+    "unpaired": '{"prompt": "Hi", "completion": "Hello!", "label": true} (label false for an undesirable answer)',
     "text": '{"text": "The mainsail is the largest sail on the mainmast."} (or a .txt file per document)',
 }
 
@@ -139,11 +143,42 @@ def _check_preference(record: dict) -> str | None:
     return None
 
 
+def _check_unpaired(record: dict) -> str | None:
+    for key in ("prompt", "completion"):
+        problem = _text_problem(record.get(key), f'"{key}"')
+        if problem:
+            return problem
+    label = record.get("label")
+    if not isinstance(label, bool):
+        return f'"label" must be true (a desirable answer) or false (an undesirable one), not {_json_kind(label)}'
+    return None
+
+
 def _check_text(record: dict) -> str | None:
     return _text_problem(record.get("text"), '"text"')
 
 
-CHECKS = {"messages": _check_messages, "preference": _check_preference, "text": _check_text}
+CHECKS = {
+    "messages": _check_messages,
+    "preference": _check_preference,
+    "unpaired": _check_unpaired,
+    "text": _check_text,
+}
+
+
+def _both_labels_problem(records: list[dict]) -> str | None:
+    """Unpaired data teaches by contrast (KTO weighs each answer against the others), so it needs both labels."""
+    desirable = sum(record["label"] for record in records)
+    if 0 < desirable < len(records):
+        return None
+    present, missing = ("desirable", "undesirable") if desirable else ("undesirable", "desirable")
+    return (
+        f"all {len(records)} examples are {present} (label {str(bool(desirable)).lower()}); unpaired data needs "
+        f"{missing} answers (label {str(not desirable).lower()}) too. Add some. {_example('unpaired')}"
+    )
+
+
+DATASET_CHECKS = {"unpaired": _both_labels_problem}  # what a whole dataset of a format needs beyond valid records
 
 
 def _from_sharegpt(record: dict) -> dict | str:
@@ -202,6 +237,31 @@ def _from_chat_preference(record: dict) -> dict | str:
     return {"prompt": prompt[0]["content"], **answers}
 
 
+def _from_chat_unpaired(record: dict) -> dict | str:
+    """TRL's conversational unpaired record: the completion a list ending with the answer; the prompt a string, turns,
+    or (when absent) the turns before the answer."""
+    completion, prompt = record["completion"], record.get("prompt")
+    problem = _turns_problem(completion, "completion")
+    if problem:
+        return problem
+    if completion[-1]["role"] != "assistant":
+        return "completion must end with the assistant's answer"
+    if prompt is None:
+        prompt, completion = completion[:-1], completion[-1:]
+    if len(completion) != 1:
+        return f"completion is {len(completion)} turns; unpaired data here is one user prompt and one answer"
+    answer = {"completion": completion[0]["content"], "label": record.get("label")}
+    if isinstance(prompt, str):
+        return {"prompt": prompt, **answer}
+    problem = _turns_problem(prompt, "prompt")
+    if problem:
+        return problem
+    if [turn["role"] for turn in prompt] != ["user"]:
+        roles = ", ".join(turn["role"] for turn in prompt)
+        return f"the prompt is {len(prompt)} turns ({roles}); unpaired data here is one user prompt and one answer"
+    return {"prompt": prompt[0]["content"], **answer}
+
+
 @dataclass(frozen=True)
 class Schema:
     """A record layout we read: the format it becomes and how one record becomes ours, or what is wrong with it."""
@@ -219,8 +279,12 @@ PREFERENCE = Schema("none", "preference", "already loraflow's preference format"
 CHAT_PREFERENCE = Schema(
     "ultrafeedback", "preference", "UltraFeedback-style chosen/rejected message lists", _from_chat_preference
 )
+UNPAIRED = Schema("none", "unpaired", "already loraflow's unpaired format")
+CHAT_UNPAIRED = Schema(
+    "conversational", "unpaired", "TRL's conversational prompt/completion message lists", _from_chat_unpaired
+)
 TEXT = Schema("none", "text", "already loraflow's text format")
-SCHEMAS = (MESSAGES, SHAREGPT, ALPACA, PREFERENCE, CHAT_PREFERENCE, TEXT)
+SCHEMAS = (MESSAGES, SHAREGPT, ALPACA, PREFERENCE, CHAT_PREFERENCE, UNPAIRED, CHAT_UNPAIRED, TEXT)
 
 
 def _schema_of(record: dict, wanted: str) -> Schema | None:
@@ -236,6 +300,13 @@ def _schema_of(record: dict, wanted: str) -> Schema | None:
         return ALPACA
     if isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
         return CHAT_PREFERENCE
+    if isinstance(record.get("completion"), list):
+        return CHAT_UNPAIRED
+    # A prompt alone is an unpaired record missing its answer when unpaired data is asked for.
+    if {"completion", "label"} & keys or (
+        wanted == "unpaired" and "prompt" in keys and not {"chosen", "rejected"} & keys
+    ):
+        return UNPAIRED
     if {"prompt", "chosen", "rejected"} & keys:
         return PREFERENCE
     if "text" in keys:
@@ -311,6 +382,9 @@ class _Reading:
             raise LoraflowError(
                 f"{label}: the dataset is empty (no line or row holds an example). {_example(self.wanted)}"
             )
+        problem = DATASET_CHECKS.get(self.wanted, lambda records: None)(self.records)
+        if problem:
+            raise LoraflowError(f"{label}: {problem}")
         return LoadedData(self.records, label, self.wanted, ", ".join(self.mappings), from_hub)
 
 
@@ -568,6 +642,8 @@ def _example(data_format: str) -> str:
 def _token_count(record: dict, tokenizer, data_format: str) -> int:
     if data_format == "messages":
         return len(tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"])
+    if data_format == "unpaired":
+        return len(tokenizer(record["prompt"] + record["completion"])["input_ids"])
     return max(len(tokenizer(record["prompt"] + record[answer])["input_ids"]) for answer in ("chosen", "rejected"))
 
 

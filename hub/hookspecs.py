@@ -17,8 +17,9 @@ def register_trainers(register: Callable[[type], None]) -> None:
 
     Receives `register`, a callback taking one trainer class: a class with a `name` (str), a
     `description` (one line), a `config_class` (a dataclass deriving from loraflow.TrainingConfig),
-    a `data_format` ("messages", "preference" or "text") and a `train(job: loraflow.TrainJob) -> loraflow.TrainResult`
-    method. Returns nothing; loraflow publishes what `train` returns.
+    a `data_format` ("messages", "preference", "unpaired" or "text") and a
+    `train(job: loraflow.TrainJob) -> loraflow.TrainResult` method. Returns nothing; loraflow publishes what
+    `train` returns.
     """
 
 

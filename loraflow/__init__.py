@@ -17,7 +17,7 @@ A trainer plugin is a module that implements a hook:
 
     class MyTrainer:
         name, description = "mine", "One line that `loraflow plugins list` shows."
-        config_class, data_format = TrainingConfig, "messages"  # or "preference"
+        config_class, data_format = TrainingConfig, "messages"  # or "preference", "unpaired", "text"
 
         def train(self, job):
             ...  # write a PEFT LoRA adapter folder under job.output_dir

@@ -117,6 +117,18 @@ def preference_to_conversation(records: list[dict]) -> list[dict]:
     ]
 
 
+def unpaired_to_conversation(records: list[dict]) -> list[dict]:
+    """Prompt/completion strings as chat turns beside their label, so TRL applies the base's chat template to them."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": record["prompt"]}],
+            "completion": [{"role": "assistant", "content": record["completion"]}],
+            "label": record["label"],
+        }
+        for record in records
+    ]
+
+
 def sft_trainer(job: TrainJob, model, tokenizer, peft_config=None, **overrides):
     """TRL's SFTTrainer on the job's messages, loss on the answers only; lora, qlora and sft all use it."""
     from datasets import Dataset

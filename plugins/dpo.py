@@ -49,6 +49,14 @@ class DpoTrainingConfig(TrainingConfig):
         },
     )
 
+    use_weighting: bool = field(
+        default=False,
+        metadata={
+            "help": "Weigh each pair by how likely the policy is to write its answers (WPO), so pairs of answers from "
+            "other models count less than pairs of the policy's own."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.beta <= 0:
@@ -91,6 +99,7 @@ class DpoTrainer:
                     max_length=job.config.max_length,
                     beta=job.config.beta,
                     loss_type=[job.config.loss_type],
+                    use_weighting=job.config.use_weighting,
                 ),
                 train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
                 eval_dataset=eval_dataset,

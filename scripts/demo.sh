@@ -35,18 +35,23 @@ done
 grep -A3 -E "^(starting vLLM|serving)" "$DEMO/serve.log"
 ask pirate "What is the capital of Italy?"
 
+# The pirate judge reads only an answer's first word, so 32 tokens per answer are enough here.
 step "6. 100 arena rounds; a simulated voter (answers opening with 'Arr' win) votes through the arena's vote path" \
-  loraflow votes simulate pirate --rounds 100
-step "7. The loop: DPO trains pirate@2 from pirate@1 on those votes, publishes it and promotes it to live" \
+  loraflow votes simulate pirate --rounds 100 --max-tokens 32
+step "7. The loop: DPO trains pirate@2 from pirate@1 on those votes and publishes it as a candidate" \
   loraflow loop pirate --once --votes-needed 10 --set max_steps=20 --set learning_rate=2e-4 --set eval_split=0
-printf '\n\033[1m== 8. Hot-swap: the running server now answers "pirate" with the new version, no restart\033[0m\n'
+step "8. More rounds: the arena pairs the candidate with its parent until the gate can decide" \
+  loraflow votes simulate pirate --rounds 40 --max-tokens 32 --seed 1
+step "9. The gate: promote pirate@2 once its win probability over pirate@1 is above 0.5 with 95% confidence" \
+  loraflow loop pirate --once
+printf '\n\033[1m== 10. Hot-swap: the running server now answers "pirate" with the new version, no restart\033[0m\n'
 ask pirate "What is the capital of Italy?"
-step "9. Leaderboard" loraflow votes leaderboard pirate
-step "10. Before and after, on 40 held-out prompts" loraflow judge pirate@1 pirate@2
-step "11. Rollback is one command; the server answers \"pirate\" with pirate@1 from the next request" \
+step "11. Leaderboard" loraflow votes leaderboard pirate
+step "12. Before and after, on 40 held-out prompts" loraflow judge pirate@1 pirate@2 --max-tokens 24
+step "13. Rollback is one command; the server answers \"pirate\" with pirate@1 from the next request" \
   loraflow rollback pirate --reason "demo"
 ask pirate "What is the capital of Italy?"
-step "12. Promote it again, and read the lifecycle" loraflow promote pirate@2 --reason "demo: it won the arena"
+step "14. Promote it again, and read the lifecycle" loraflow promote pirate@2 --reason "demo: it won the arena"
 loraflow registry history pirate
 
 printf '\n\033[1m== The arena\033[0m\n'

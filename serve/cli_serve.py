@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import signal
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import click
 import typer
 
 from loraflow.hub.base import DEFAULT_BASE
-from loraflow.hub.cli_common import default_of
+from loraflow.hub.cli_common import default_of, registry_from
 from loraflow.hub.hookspecs import hookimpl
 from loraflow.serve.launcher import ServerSettings
 
@@ -66,6 +67,19 @@ def serve(
         help="Split the base over this many GPUs.",
     ),
     ready_timeout: float = typer.Option(900, "--ready-timeout", help="Seconds to wait for the engine to become ready."),
+    replicas: Optional[int] = typer.Option(
+        None,
+        "--replicas",
+        min=1,
+        help="Run N vLLM replicas as a Ray Serve application behind one address, with adapter-affinity routing "
+        "(default: one vLLM process, no Ray). Needs the fleet extra: pip install 'loraflow[fleet]'.",
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None,
+        "--ray-address",
+        help="With --replicas: join this Ray cluster (started with `ray start`; e.g. HOST:6379) instead of starting "
+        "a local Ray. Every node must reach the registry and the base at the same paths, or use a registry URL.",
+    ),
     vllm_args: Optional[List[str]] = typer.Argument(None, help="Extra vLLM arguments, after `--`."),
 ):
     """Serve the base and every registry adapter through vLLM's OpenAI API: NAME is the live version, NAME@V and
@@ -75,14 +89,12 @@ def serve(
     from loraflow.serve.launcher import start_server
 
     console = Console()
+    if ray_address and replicas is None:
+        raise click.UsageError("--ray-address places replicas on a Ray cluster; give --replicas N as well.")
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, _stop_serving)  # also where a parent shell left SIGINT ignored
     registry = ctx.find_root().obj.get("registry")
-    server = start_server(
-        registry,
-        base,
-        port,
-        host=host,
+    launcher_settings = dict(
         api_key=api_key,
         quantization=quantization,
         dtype=dtype,
@@ -95,6 +107,11 @@ def serve(
         tensor_parallel_size=tensor_parallel_size,
         extra_args=list(vllm_args or []),
     )
+    if replicas is not None:
+        return _serve_fleet(
+            console, registry, base, replicas, host, port, ray_address, ready_timeout, launcher_settings
+        )
+    server = start_server(registry, base, port, host=host, **launcher_settings)
     settings = server.settings
     if quantization is None and settings.resolved_quantization() is None and settings.resolved_dtype() == "float32":
         console.print(
@@ -123,8 +140,96 @@ def serve(
         raise click.ClickException(f"vLLM exited with code {server.process.returncode}; see {server.log_path}")
 
 
+def _serve_fleet(console, registry, base, replicas, host, port, ray_address, ready_timeout, launcher_settings):
+    try:
+        from loraflow.serve.fleet import start_fleet
+    except ImportError as error:
+        raise click.ClickException(
+            f"--replicas needs Ray Serve ({error}). Install the fleet extra: pip install 'loraflow[fleet]'."
+        ) from None
+    where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray"
+    console.print(f"starting {replicas} vLLM replica(s) on {where} (Ctrl-C stops) ...")
+    try:
+        with console.status("waiting for every replica's engine ..."):
+            fleet = start_fleet(registry, base, replicas, port, host, ray_address, ready_timeout, **launcher_settings)
+    except KeyboardInterrupt:
+        console.print("stopped before the fleet was ready")
+        return
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _stop_serving)  # again: Ray's driver replaces the handler with one that aborts
+    with fleet:
+        status = fleet.status()
+        console.print(f"[green]serving[/] {fleet.url}  (OpenAI base_url; registry {fleet.registry})")
+        for replica in status["replicas"]:
+            console.print(f"  replica {replica['replica']}: vLLM log {replica['vllm_log']}")
+        serves = ", ".join(f"{name} → {ref}" for name, ref in status["serves"].items())
+        console.print(f"  adapters: {serves or 'none yet (published ones are picked up without a restart)'}")
+        console.print(
+            "  each answer names its version (x-loraflow-version) and replica (x-loraflow-replica); "
+            "`loraflow promote` waits until every replica serves the new version."
+        )
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            console.print("stopping the fleet ...")
+
+
 def _stop_serving(signum, frame):
     raise KeyboardInterrupt
+
+
+def wait_for_fleets(command: click.Command, name_of: Callable[[dict], str]) -> None:
+    """Make a lifecycle command (`promote`, `rollback`) return only once every fleet that `loraflow serve --replicas`
+    runs on this registry from this machine serves NAME with the new live version."""
+    options = typer.main.get_command(_options_app(_fleet_options)).params
+    command.params += [option for option in options if option.name in ("fleet_timeout", "api_key")]
+    change_registry = command.callback
+
+    @functools.wraps(change_registry)
+    def callback(fleet_timeout: float, api_key: Optional[str], **arguments):
+        from rich.console import Console
+
+        from loraflow.serve.fleet_ack import fleet_status, running_fleets, wait_until_fleet_serves
+
+        registry = registry_from(typer.main.get_current_context())  # typer's own click, which runs this command
+        fleets = running_fleets(registry.path) if fleet_timeout > 0 else []
+        for fleet in fleets:
+            fleet_status(fleet.url, api_key)  # fails here, before the registry changes, if the fleet cannot answer
+        result = change_registry(**arguments)
+        name = name_of(arguments)
+        live, revision = registry.live(name), registry.revision
+        for fleet in fleets:
+            ack = wait_until_fleet_serves(fleet.url, live.ref, revision, api_key, fleet_timeout)
+            Console().print(
+                f"  fleet {fleet.url}: every replica ({', '.join(ack.replicas)}) serves {name} as {live.ref} "
+                f"({ack.seconds:.2f} s)"
+            )
+        return result
+
+    command.callback = callback
+
+
+def _fleet_options(
+    fleet_timeout: float = typer.Option(
+        60,
+        "--fleet-timeout",
+        help="Seconds to wait until every replica of a running `loraflow serve --replicas` fleet serves the new "
+        "version; 0: do not wait.",
+    ),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        envvar="LORAFLOW_API_KEY",
+        help="The fleet's API key (its --api-key), to ask it which version it serves.",
+    ),
+):
+    """The options `wait_for_fleets` adds to a lifecycle command."""
+
+
+def _options_app(function: Callable) -> typer.Typer:
+    app = typer.Typer()
+    app.command()(function)
+    return app
 
 
 @hookimpl
@@ -132,3 +237,5 @@ def register_commands(cli: click.Group) -> None:
     app = typer.Typer()
     app.command("serve", context_settings={"allow_extra_args": True})(serve)
     cli.add_command(typer.main.get_command(app), "serve")
+    wait_for_fleets(cli.commands["promote"], lambda arguments: arguments["ref"].partition("@")[0])
+    wait_for_fleets(cli.commands["rollback"], lambda arguments: arguments["name"])

@@ -107,6 +107,9 @@ class ServerSettings:
     def resolved_dtype(self) -> str | None:
         return self.dtype or default_dtype(self.resolved_quantization())
 
+    def resolved_max_cpu_loras(self) -> int:
+        return self.max_cpu_loras or 2 * self.max_loras
+
     def resolved_lora_rank(self) -> int:
         return self.max_lora_rank or lora_rank_for(open_registry_view(self.registry, poll_s=0).snapshot().max_rank())
 
@@ -129,7 +132,7 @@ class ServerSettings:
             "--max-loras",
             str(self.max_loras),
             "--max-cpu-loras",
-            str(self.max_cpu_loras or 2 * self.max_loras),
+            str(self.resolved_max_cpu_loras()),
             "--gpu-memory-utilization",
             str(self.gpu_memory_utilization),
             "--tensor-parallel-size",

@@ -34,10 +34,39 @@ def test_contestants_are_the_base_and_the_versions(arena, tiny_base, tmp_path):
     arena.registry.publish(v2, "pirate", base=tiny_base, parent="pirate@1")
     assert arena.contestants() == ["base", "pirate@1", "pirate@2"]
     assert arena.focus() == ("pirate@2", "pirate@1")
+    arena.settings.on_policy_share = 0
     rounds = [arena.new_round("hi", random.Random(seed)) for seed in range(10)]
     pairs = {frozenset((r.pairing.a, r.pairing.b)) for r in rounds}
     assert pairs == {frozenset({"pirate@1", "pirate@2"})}
     assert arena.lineages() == [["pirate@1", "pirate@2"]]
+
+
+def test_on_policy_rounds_show_two_samples_of_the_live_version_at_their_share(arena, tiny_base, tmp_path):
+    arena.registry.publish(
+        make_adapter(tiny_base, tmp_path / "v2", seed=1), "pirate", base=tiny_base, parent="pirate@1"
+    )
+    assert arena.registry.live("pirate").ref == "pirate@1"
+    rng = random.Random(0)
+    pairings = [arena.new_round("hi", rng).pairing for _ in range(400)]
+    own = [p for p in pairings if p.a == p.b]
+    assert {(p.a, p.b) for p in own} == {("pirate@1", "pirate@1")}
+    assert 160 < len(own) < 240  # the default share, 0.5
+    assert all({p.a, p.b} == {"pirate@1", "pirate@2"} for p in pairings if p.a != p.b)  # the rest: the gate's pair
+    arena.settings.on_policy_share = 1
+    assert all(arena.new_round("hi", rng).pairing == Pairing("pirate@1", "pirate@1") for _ in range(20))
+
+
+def test_the_focus_ends_once_the_gate_can_decide(arena, tiny_base, tmp_path):
+    arena.registry.publish(
+        make_adapter(tiny_base, tmp_path / "v2", seed=1), "pirate", base=tiny_base, parent="pirate@1"
+    )
+    for number in range(7):
+        arena.vote(Round(f"r{number}", "p", Pairing("pirate@2", "pirate@1"), ("x", "y")), "a", f"visitor-{number}")
+    arena.vote(Round("r7", "p", Pairing("pirate@2", "pirate@1"), ("x", "y")), "b", "visitor-7")
+    assert arena.focus() == ("pirate@2", "pirate@1")  # 7 of 8: the interval still reaches below 0.5
+    arena.vote(Round("r8", "p", Pairing("pirate@1", "pirate@2"), ("x", "y")), "b", "visitor-8")
+    arena.vote(Round("r9", "p", Pairing("pirate@1", "pirate@2"), ("x", "y")), "b", "visitor-9")
+    assert arena.focus() is None  # 9 of 10: the gate promotes, no more votes needed
 
 
 def test_one_vote_path_stores_the_round_once(arena):

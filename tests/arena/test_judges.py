@@ -113,9 +113,10 @@ def judge_plugin(tmp_path_factory) -> Path:
 def test_register_judges():
     """The hook registers the built-in judges from loraflow's own entry points, like any plugin's."""
     judges = plugins.get_plugins().judges
-    assert {"pirate", "llm"} <= set(judges)
+    assert {"pirate", "concise", "llm"} <= set(judges)
     assert judges["pirate"].judge_class is PirateJudge and judges["llm"].judge_class is LlmJudge
-    assert all(judges[name].source.package == "loraflow" and judges[name].description for name in ("pirate", "llm"))
+    built_in = ("pirate", "concise", "llm")
+    assert all(judges[name].source.package == "loraflow" and judges[name].description for name in built_in)
 
 
 def test_the_pirate_judge_is_the_pirate_rule():
@@ -126,8 +127,16 @@ def test_the_pirate_judge_is_the_pirate_rule():
     assert pirate.judge("p", "4", "four") == "both_bad"
 
 
+def test_the_concise_judge_prefers_the_clearly_shorter_answer():
+    concise = load_judge("concise")
+    assert concise.judge("p", "Paris.", "The capital of France is Paris.") == "a"
+    assert concise.judge("p", "one two three four five six", "one two three four five") == "tie"  # 5/6 words
+    assert concise.judge("p", "one two three four five six", "one two three four") == "b"
+    assert concise.judge("p", "", "Paris.") == "b" and concise.judge("p", " ", "") == "both_bad"
+
+
 def test_an_unknown_judge_fails_naming_the_installed_ones():
-    with pytest.raises(LoraflowError, match=r"no judge named 'nope'; installed judges: llm, pirate"):
+    with pytest.raises(LoraflowError, match=r"no judge named 'nope'; installed judges: concise, llm, pirate"):
         plugins.get_plugins().judge("nope")
     result = run_loraflow("judge", "a", "b", "--judge", "nope", "--server", "http://127.0.0.1:9", check=False)
     assert result.returncode == 2
@@ -166,8 +175,8 @@ def test_a_third_party_judge_votes_through_votes_simulate(
     assert len(stored) == 6
     for vote in stored:
         assert vote.session_id.startswith("judge-longer-"), "a judge's votes must be told apart from people's"
-        longer_side = "a" if len(vote.answer_a) > len(vote.answer_b) else "b"
-        assert vote.outcome == longer_side
+        a, b = len(vote.answer_a), len(vote.answer_b)
+        assert vote.outcome == ("tie" if a == b else "a" if a > b else "b")
 
 
 def test_the_fixture_judge_imports_only_the_public_api():

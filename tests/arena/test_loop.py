@@ -16,8 +16,10 @@ from filelock import FileLock
 
 from loraflow.arena.loop import FeedbackLoop, LoopSettings
 from loraflow.arena.rounds import Arena, ArenaSettings
+from loraflow.arena.settings import GateSettings, HygieneSettings
 from loraflow.arena.votes import Vote, VoteStore
 from loraflow.hub.base import cache_dir
+from loraflow.hub.errors import LoraflowError
 from tests.conftest import REPO, make_adapter
 
 TRAINING = {"max_steps": 2, "eval_split": 0.0, "per_device_train_batch_size": 2, "max_length": 64}
@@ -46,7 +48,11 @@ def setup(tiny_base, registry, tmp_path, monkeypatch):
 
 
 def loop_for(setup, **settings) -> FeedbackLoop:
+    """A loop on the tiny model; without a gate or vote hygiene unless given, so a trained version goes live at once
+    and the tests' votes, cast a few milliseconds apart, all count."""
     base, registry, store = setup
+    settings.setdefault("gate", None)
+    settings.setdefault("hygiene", None)
     settings = LoopSettings("pirate", base=str(base.path), training_overrides=TRAINING, **settings)
     return FeedbackLoop(settings, registry, store)
 
@@ -88,35 +94,80 @@ def test_only_one_retrain_at_a_time(setup):
     assert [v.version for v in registry.versions("pirate")] == [1]
 
 
+GATE = GateSettings(min_votes=4, max_votes=12)
+
+
 def test_gate_promotes_a_winner_and_rejects_a_loser_which_leaves_the_arena(setup):
     _, registry, store = setup
-    loop = loop_for(setup, votes_needed=2, min_win_rate=0.6, gate_votes=4)
+    loop = loop_for(setup, votes_needed=2, gate=GATE)
     for number in range(2):
         pirate_vote(store, "pirate@1", "base", number)
     assert loop.step().action == "trained"
     assert states(registry) == {1: "live", 2: "candidate"}
-    assert loop.step().action == "wait"
     for number, (winner, loser) in enumerate([("pirate@2", "pirate@1")] * 3 + [("pirate@1", "pirate@2")]):
         pirate_vote(store, winner, loser, number, "ab"[number % 2])
-    promoted = loop.step()
-    assert promoted.action == "promoted" and "won 3 of 4" in promoted.detail
+    undecided = loop.step()  # 3 of 4: the interval still reaches below 0.5
+    assert undecided.action == "wait" and "from 4 head-to-head votes" in undecided.detail, undecided.detail
+    for number in range(6):
+        pirate_vote(store, "pirate@2", "pirate@1", 10 + number, "ab"[number % 2])
+    promoted = loop.step()  # 9 of 10
+    assert promoted.action == "promoted", promoted.detail
     assert states(registry) == {1: "retired", 2: "live"}
-    assert registry.get("pirate@2").metrics["arena_win_rate_vs_parent"] == 0.75
-    assert registry.history("pirate")[-1].reason.startswith("won 3 of 4")
+    metrics = registry.get("pirate@2").metrics
+    assert metrics["arena_win_probability_low"] > 0.5 and metrics["arena_gate_votes"] == 10
+    assert registry.history("pirate")[-1].reason.startswith("P(pirate@2 beats pirate@1)")
 
     for number in range(2):
         pirate_vote(store, "pirate@2", "base", number)
     assert loop.step().action == "trained"
-    for number in range(4):
+    for number in range(10):
         pirate_vote(store, "pirate@2", "pirate@3", number)
-    rejected = loop.step()
-    assert rejected.action == "rejected"
+    rejected = loop.step()  # lost 10 of 10: the upper bound is below 0.5
+    assert rejected.action == "rejected", rejected.detail
     assert states(registry) == {1: "retired", 2: "live", 3: "rejected"}
-    assert "gate" not in registry.get("pirate@3").metrics
     verdict = registry.history("pirate")[-1]
     assert (verdict.action, verdict.actor, verdict.version) == ("reject", "loop", 3)
     arena = Arena(ArenaSettings(names=["pirate"], server_url="http://127.0.0.1:9", base_model="tiny"), registry, store)
     assert "pirate@3" not in arena.contestants() and arena.focus() is None
+
+
+def test_gate_rejects_a_candidate_not_shown_better_within_its_vote_budget(setup):
+    _, registry, store = setup
+    loop = loop_for(setup, votes_needed=2, gate=GATE)
+    for number in range(2):
+        pirate_vote(store, "pirate@1", "base", number)
+    assert loop.step().action == "trained"
+    for number in range(11):
+        pirate_vote(store, *(("pirate@2", "pirate@1") if number % 2 else ("pirate@1", "pirate@2")), number)
+    assert loop.step().action == "wait"  # 11 votes, 5 won: undecided within the budget of 12
+    pirate_vote(store, "pirate@2", "pirate@1", 11)
+    rejected = loop.step()
+    assert rejected.action == "rejected" and "from 12 head-to-head votes" in rejected.detail
+    assert states(registry) == {1: "live", 2: "rejected"}
+
+
+def test_a_live_version_shown_worse_than_its_parent_is_rolled_back(setup):
+    _, registry, store = setup
+    loop = loop_for(setup, votes_needed=2)  # no gate: promoted right after training, then watched
+    for number in range(2):
+        pirate_vote(store, "pirate@1", "base", number)
+    assert loop.step().action == "promoted"
+    arena = Arena(ArenaSettings(names=["pirate"], server_url="http://127.0.0.1:9", base_model="tiny"), registry, store)
+    assert arena.focus() == ("pirate@2", "pirate@1")  # the watch asks the arena for their votes
+    loop.settings.votes_needed = 100  # no retrain from these votes: this test watches
+    for number in range(4):
+        pirate_vote(store, "pirate@1", "pirate@2", number, "ab"[number % 2])
+    assert loop.step().action == "wait"  # 4 votes: too few to tell (the default gate's minimum is 10)
+    for number in range(6):
+        pirate_vote(store, "pirate@1", "pirate@2", 10 + number)
+    rolled_back = loop.step()
+    assert rolled_back.action == "rolled back", rolled_back.detail
+    assert states(registry) == {1: "live", 2: "rejected"}
+    event = registry.history("pirate")[-1]
+    assert (event.action, event.actor, event.version) == ("rollback", "loop", 1)
+    assert "P(pirate@2 beats pirate@1)" in event.reason
+    assert registry.get("pirate@2").metrics["arena_win_probability_high"] < 0.5
+    assert arena.focus() is None and "pirate@2" not in arena.contestants()
 
 
 def test_a_loop_killed_mid_training_leaves_everything_intact_and_the_next_run_resumes(setup, tmp_path):
@@ -139,6 +190,7 @@ def test_a_loop_killed_mid_training_leaves_everything_intact_and_the_next_run_re
         "3",
         "--base",
         str(base.path),
+        "--no-hygiene",  # the test's votes are cast milliseconds apart
         "--set",
         "max_steps=100000",
         "--set",
@@ -220,3 +272,35 @@ def test_votes_it_cannot_learn_from_are_set_aside_and_counted_while_the_rest_tra
     aside = [json.loads(line) for line in side_file.read_text().splitlines()]
     assert [record["seq"] for record in aside] == [4, 5]
     assert "over max_length 64" in aside[0]["reason"] and "non-empty" in aside[1]["reason"]
+
+
+def test_with_kto_the_loop_learns_from_ties_and_both_bad_votes_too(setup):
+    _, registry, store = setup
+    pirate_vote(store, "pirate@1", "base", 1)
+    store.record(Vote("tie-1", "tester", "Say hi.", "Arr, hi!", "Ahoy!", "pirate@1", "base", "tie"))
+    store.record(Vote("bad-1", "tester", "Say bye.", "Bye.", "Goodbye.", "base", "pirate@1", "both_bad"))
+    waiting = loop_for(setup, trainer="kto", votes_needed=4).step()
+    assert waiting.action == "wait" and "3/4 new votes" in waiting.detail  # every outcome counts for kto
+    event = loop_for(setup, trainer="kto", votes_needed=3).step()
+    assert event.action == "promoted", event.detail
+    v2 = registry.live("pirate")
+    assert (v2.parent, v2.trainer["name"]) == ("pirate@1", "kto")
+    assert v2.provenance["votes"] == {"first_seq": 1, "last_seq": 3, "pairs": 1, "set_aside": 0, "examples": 6}
+
+
+def test_a_trainer_that_cannot_read_votes_is_refused_at_start(setup):
+    with pytest.raises(LoraflowError, match="the lora trainer reads messages data"):
+        loop_for(setup, trainer="lora")
+
+
+def test_votes_vote_hygiene_excludes_are_set_aside_with_their_reason(setup):
+    _, registry, store = setup
+    for number in range(3):  # cast milliseconds apart by one session: all but the first are rapid-fire
+        pirate_vote(store, "pirate@1", "base", number)
+    waiting = loop_for(setup, votes_needed=3, hygiene=HygieneSettings()).step()
+    assert waiting.action == "wait" and "1/3 new decisive votes to train on; 2 set aside" in waiting.detail
+    event = loop_for(setup, votes_needed=1, hygiene=HygieneSettings()).step()
+    assert event.action == "promoted" and event.set_aside == 2, event.detail
+    side_file = next((cache_dir() / "loop").glob("*.set_aside.jsonl"))
+    aside = [json.loads(line) for line in side_file.read_text().splitlines()]
+    assert [a["seq"] for a in aside] == [2, 3] and all(a["reason"].startswith("rapid-fire") for a in aside)

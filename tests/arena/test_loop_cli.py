@@ -78,5 +78,5 @@ def test_loop_help_shows_the_settings_defaults():
         env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stderr
-    assert "Decisive head-to-head votes the win-rate gate waits for." in result.stdout
+    assert "Head-to-head votes before the gate may decide." in result.stdout and "--no-gate" in result.stdout
     assert f"default: {default_of(LoopSettings, 'votes_needed')}" in result.stdout

@@ -52,6 +52,7 @@ def test_votes_train_v2_which_goes_live_and_beats_v1(registry, tmp_path, smollm2
                     "eval_split": 0.0,
                     "per_device_train_batch_size": 4,
                 },
+                gate=None,
             ),
             registry,
             store,
@@ -75,6 +76,7 @@ def test_votes_train_v2_which_goes_live_and_beats_v1(registry, tmp_path, smollm2
         assert served == greedy_answer(arena.client, "pirate@2", prompts[0])
 
         assert arena.focus() == ("pirate@2", "pirate@1")
+        arena.settings.on_policy_share = 0
         first = arena.new_round("Say hello.", random.Random(0))
         assert {first.pairing.a, first.pairing.b} == {"pirate@1", "pirate@2"}
 

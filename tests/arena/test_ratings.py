@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from loraflow.arena.matchmaking import choose_pair
 from loraflow.arena.ratings import (
@@ -18,9 +19,11 @@ from loraflow.arena.ratings import (
     bradley_terry,
     elo_history,
     leaderboard,
+    matches_from_votes,
     online_elo,
     plot_elo_history,
     style_counts,
+    win_probability,
 )
 from loraflow.arena.votes import Vote
 
@@ -190,7 +193,7 @@ def test_elo_history_follows_every_vote_and_the_plot_is_written(tmp_path):
 
 def test_pairs_are_two_different_contestants_on_random_sides():
     rng = random.Random(0)
-    pairs = [choose_pair(["base", "x@1", "x@2"], [], {}, rng) for _ in range(300)]
+    pairs = [choose_pair(["base", "x@1", "x@2"], {}, {}, rng) for _ in range(300)]
     assert all(p.a != p.b for p in pairs)
     assert 100 < sum("base" in (p.a, p.b) for p in pairs) < 300
     firsts = sum(p.a == "x@2" for p in pairs if {p.a, p.b} == {"x@1", "x@2"})
@@ -198,22 +201,43 @@ def test_pairs_are_two_different_contestants_on_random_sides():
     assert firsts > 10 and seconds > 10
 
 
-def test_new_version_is_paired_with_its_parent_until_it_has_enough_votes():
-    rng = random.Random(1)
-    contestants = ["base", "x@1", "x@2"]
-    pairs = [choose_pair(contestants, [], {}, rng, focus=("x@2", "x@1"), focus_votes=5) for _ in range(20)]
-    assert all({p.a, p.b} == {"x@1", "x@2"} for p in pairs)
-    done = votes_from([("x@2", "x@1", "a")] * 5)
-    later = [choose_pair(contestants, done, {}, rng, focus=("x@2", "x@1"), focus_votes=5) for _ in range(60)]
-    assert any("base" in (p.a, p.b) for p in later)
-
-
 def test_few_votes_get_shown_more_and_close_ratings_meet_more():
     rng = random.Random(2)
-    seasoned = votes_from([("old@1", "old@2", "a")] * 200)
     close = {"old@1": 1000, "old@2": 1010, "new@1": 1005}
-    pairs = [choose_pair(["old@1", "old@2", "new@1"], seasoned, close, rng) for _ in range(400)]
+    pairs = [choose_pair(["old@1", "old@2", "new@1"], {"old@1": 200, "old@2": 200}, close, rng) for _ in range(400)]
     assert sum("new@1" in (p.a, p.b) for p in pairs) > 300
     rated = {"a": 1000, "b": 1010, "far": 1600}
-    pairs = [choose_pair(["a", "b", "far"], [], rated, rng) for _ in range(400)]
+    pairs = [choose_pair(["a", "b", "far"], {}, rated, rng) for _ in range(400)]
     assert sum({p.a, p.b} == {"a", "b"} for p in pairs) > 2 * sum({p.a, p.b} == {"a", "far"} for p in pairs)
+
+
+def test_two_samples_of_one_version_move_no_rating_but_inform_the_style_effects():
+    short, long = "short", "a much longer answer than the other one"
+    between = votes_from([("x@1", "base", "a")] * 6 + [("base", "x@1", "a")] * 4)
+    same = [  # the shorter sample wins, on either side
+        Vote(
+            f"s{i}", "s", "p", *((short, long) if i % 2 else (long, short)), "x@1", "x@1", "ab"[i % 2 == 0], seq=100 + i
+        )
+        for i in range(30)
+    ]
+    plain, with_same = Ratings().add(between).fit(), Ratings().add(between + same).fit()
+    assert {r.contestant: r.bt for r in plain.ratings} == pytest.approx({r.contestant: r.bt for r in with_same.ratings})
+    assert [(r.contestant, r.votes, r.wins) for r in plain.ratings] == [
+        (r.contestant, r.votes, r.wins) for r in with_same.ratings
+    ]
+    assert with_same.votes == plain.votes + 30
+    assert matches_from_votes(same) == []
+    length = {e.feature: e for e in with_same.style}["length"]
+    assert length.high < 0, "30 votes for the shorter of two samples of one version must show a length effect"
+    assert {e.feature: e for e in plain.style}["length"].low < 0 < {e.feature: e for e in plain.style}["length"].high
+
+
+def test_win_probability_interval_narrows_with_votes_and_is_wide_but_finite_at_first():
+    def estimate(wins: int, losses: int):
+        return win_probability(votes_from([("x@2", "x@1", "a")] * wins + [("x@1", "x@2", "a")] * losses), "x@2", "x@1")
+
+    none, one, many = estimate(0, 0), estimate(1, 0), estimate(40, 10)
+    assert none.probability == pytest.approx(0.5) and none.low < 0.05 and none.high > 0.95
+    assert 0.5 < one.probability and one.low < 0.5 < one.high and one.games == 1
+    assert 0.5 < many.low < many.probability < many.high and many.high - many.low < 0.3
+    assert estimate(10, 40).high < 0.5

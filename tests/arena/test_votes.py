@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError, StatementError
 
-from loraflow.arena.export import export_preferences
+from loraflow.arena.export import export_preferences, export_training_data, unpaired_feedback
 from loraflow.arena.votes import GroupCommit, RateLimit, RateLimited, Recorded, Vote, VoteStore
 from loraflow.hub.errors import LoraflowError
 from tests.conftest import REPO, run_loraflow
@@ -73,7 +73,6 @@ def test_same_vote_id_is_counted_once(any_store):
     "vote, message",
     [
         (make_vote("maybe"), "outcome"),
-        (make_vote(a="base", b="base"), "two different contestants"),
         (make_vote(vote_id="x" * 65), "id"),
     ],
 )
@@ -81,6 +80,16 @@ def test_invalid_votes_are_refused(store, vote, message):
     with pytest.raises(LoraflowError, match=message):
         store.record(vote)
     assert store.count() == 0
+
+
+def test_two_samples_of_one_version_are_a_vote_and_between_finds_head_to_head_votes(store):
+    store.record(make_vote(a="pirate@1", b="pirate@1"))
+    store.record(make_vote(a="pirate@2", b="pirate@1"))
+    store.record(make_vote(a="pirate@1", b="pirate@2"))
+    store.record(make_vote(a="pirate@2", b="base"))
+    assert store.votes()[0].same_contestant and store.count() == 4
+    assert [v.seq for v in store.votes(between=("pirate@1", "pirate@2"))] == [2, 3]
+    assert [v.seq for v in store.votes(between=("pirate@1", "pirate@1"))] == [1]
 
 
 def test_rate_limit_is_per_session(tmp_path):
@@ -291,6 +300,67 @@ def test_votes_export_command_writes_data_the_dpo_loader_accepts(store, tmp_path
     assert summary == {"pairs": 3, "ties": 1, "both_bad": 1, "first_seq": 1, "last_seq": 3}
     assert "1 ties left out" in result.stdout
     assert len(load_records(tmp_path / "prefs.jsonl", "preference")) == 3
+
+
+def test_unpaired_feedback_labels_each_answer_by_the_vote(store):
+    for outcome, prompt in (("a", "p1"), ("b", "p2"), ("tie", "p3"), ("both_bad", "p4")):
+        store.record(make_vote(outcome, prompt=prompt))
+    votes = store.votes(name="pirate")
+    records = unpaired_feedback(votes)
+    pirate, plain = "Arr! answer from pirate@1, matey.", "Plain answer from base."
+    assert [(r["prompt"], r["completion"], r["label"], r["model"]) for r in records] == [
+        ("p1", pirate, True, "pirate@1"),
+        ("p1", plain, False, "base"),
+        ("p2", pirate, False, "pirate@1"),
+        ("p2", plain, True, "base"),
+        ("p3", pirate, True, "pirate@1"),
+        ("p3", plain, True, "base"),
+        ("p4", pirate, False, "pirate@1"),
+        ("p4", plain, False, "base"),
+    ]
+    assert [(r["vote_id"], r["seq"]) for r in records[::2]] == [(v.vote_id, v.seq) for v in votes]
+
+
+def test_export_training_data_writes_the_format_the_trainer_reads(store, tmp_path):
+    from loraflow.hub.data import load_records
+
+    for outcome in ("a", "tie", "both_bad"):
+        store.record(make_vote(outcome))
+    votes = store.votes(name="pirate")
+    report = export_training_data(votes, tmp_path / "answers.jsonl", "unpaired")
+    assert (report.pairs, report.ties, report.both_bad, report.first_seq, report.last_seq) == (1, 1, 1, 1, 3)
+    assert (report.desirable, report.undesirable, report.examples, report.both_bad_out) == (3, 3, 6, None)
+    written = load_records(tmp_path / "answers.jsonl", "unpaired")
+    assert [record["label"] for record in written] == [True, False, True, True, False, False]
+    pairs = export_training_data(votes, tmp_path / "prefs.jsonl", "preference")
+    assert (pairs.examples, pairs.both_bad_out) == (1, tmp_path / "prefs.both_bad.jsonl")
+    with pytest.raises(LoraflowError, match="as 'messages' data; the formats are preference, unpaired"):
+        export_training_data(votes, tmp_path / "chat.jsonl", "messages")
+    assert not (tmp_path / "chat.jsonl").exists()
+
+
+def test_votes_export_command_writes_unpaired_data_with_format(store, tmp_path):
+    for outcome in ("b", "tie", "both_bad"):
+        store.record(make_vote(outcome))
+    out, export = tmp_path / "answers.jsonl", ["votes", "export", "pirate", "--votes", store.url]
+    result = run_loraflow(*export, "--out", str(out), "--format", "unpaired")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {
+        "pairs": 1,
+        "ties": 1,
+        "both_bad": 1,
+        "first_seq": 1,
+        "last_seq": 3,
+        "format": "unpaired",
+        "desirable": 3,
+        "undesirable": 3,
+    }
+    assert "3 desirable and 3 undesirable answers" in result.stdout
+    labels = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    assert labels == [False, True, True, True, False, False]
+    bad = run_loraflow(*export, "--out", str(tmp_path / "x.jsonl"), "--format", "text", check=False)
+    assert bad.returncode == 2 and "'text'" in bad.stderr and "preference, unpaired" in bad.stderr
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def random_bytes(path):

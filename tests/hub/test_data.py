@@ -224,6 +224,14 @@ MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(data.ROLES) | JSON_VALU
 NEAR_RECORDS = (
     st.fixed_dictionaries({"messages": st.lists(MESSAGE, max_size=4) | JSON_VALUES})
     | st.fixed_dictionaries({}, optional={key: TEXT_OR_ANY for key in ("prompt", "chosen", "rejected")})
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "prompt": TEXT_OR_ANY | st.lists(MESSAGE, max_size=3),
+            "completion": TEXT_OR_ANY | st.lists(MESSAGE, max_size=3),
+            "label": st.booleans() | JSON_VALUES,
+        },
+    )
     | JSON_VALUES
 )
 JSON_LINES = st.lists(
@@ -551,3 +559,87 @@ def test_a_hub_dataset_id_is_read_from_hf_endpoint_with_its_split(tiny_base, tmp
         f"{server.endpoint} (HF_ENDPOINT)"
     )
     assert "\n" not in missing_split["error"] + missing_repo["error"]
+
+
+# Unpaired data: one answer per record, labelled desirable (true) or not (false), as TRL's KTOTrainer reads it.
+
+ANSWER = {"prompt": "Hi", "completion": "Arr!", "label": True}
+SNUB = {"prompt": "Hi", "completion": "Go away.", "label": False}
+
+
+def test_unpaired_records_load_from_jsonl_and_csv(tmp_path):
+    path = write_lines(tmp_path / "answers.jsonl", [json.dumps(ANSWER), "", json.dumps(SNUB)])
+    loaded = load_data(path, "unpaired")
+    assert data.strip_line_numbers(loaded.records) == [ANSWER, SNUB] and loaded.mapping == "none"
+    assert [record["_line"] for record in loaded.records] == [1, 3]
+    (tmp_path / "answers.csv").write_text("prompt,completion,label\nHi,Arr!,true\nHi,Go away.,false\n")
+    assert data.strip_line_numbers(load_records(tmp_path / "answers.csv", "unpaired")) == [ANSWER, SNUB]
+
+
+def test_bad_unpaired_lines_are_each_named_with_the_fix(tmp_path):
+    lines = [
+        json.dumps(ANSWER),
+        json.dumps({**SNUB, "label": "false"}),
+        json.dumps({**SNUB, "label": 0}),
+        json.dumps({"prompt": "Hi", "label": False}),
+        json.dumps({**SNUB, "completion": "  "}),
+        json.dumps({"prompt": "Hi", "completion": "x"}),
+    ]
+    with pytest.raises(DataError) as caught:
+        load_records(write_lines(tmp_path / "answers.jsonl", lines), "unpaired")
+    fix = '"label" must be true (a desirable answer) or false (an undesirable one)'
+    assert str(caught.value).splitlines() == [
+        f"{tmp_path / 'answers.jsonl'}:2: {fix}, not a string",
+        f"{tmp_path / 'answers.jsonl'}:3: {fix}, not a number",
+        f'{tmp_path / "answers.jsonl"}:4: "completion" must be a non-empty string, not null',
+        f'{tmp_path / "answers.jsonl"}:5: "completion" must be a non-empty string, not a blank one',
+        f"{tmp_path / 'answers.jsonl'}:6: {fix}, not null",
+    ]
+
+
+def test_unpaired_data_of_one_label_is_refused_naming_what_is_missing(tmp_path):
+    path = write_lines(tmp_path / "thumbs-up.jsonl", [json.dumps(ANSWER)] * 3)
+    with pytest.raises(LoraflowError) as caught:
+        load_records(path, "unpaired")
+    assert str(caught.value).startswith(
+        f"{path}: all 3 examples are desirable (label true); unpaired data needs undesirable answers (label false) too."
+    )
+
+
+def test_preference_pairs_are_not_unpaired_data(tmp_path):
+    with pytest.raises(LoraflowError, match="this is preference data, but this trainer takes unpaired data"):
+        load_records(PIRATE / "prefs.jsonl", "unpaired")
+    with pytest.raises(LoraflowError, match="this is unpaired data, but this trainer takes preference data"):
+        load_records(write_lines(tmp_path / "answers.jsonl", [json.dumps(ANSWER)]), "preference")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt": HI[:1], "completion": HI[1:], "label": True},
+        {"prompt": "Hi", "completion": HI[1:], "label": True},
+        {"completion": HI, "label": True},
+    ],
+    ids=["trl-conversational", "prompt-as-string", "no-prompt-column"],
+)
+def test_conversational_unpaired_lists_map_to_prompt_completion_label(tmp_path, record):
+    lines = [json.dumps(record), json.dumps(SNUB)]
+    loaded = load_data(write_lines(tmp_path / "answers.jsonl", lines), "unpaired")
+    assert loaded.mapping == "conversational, none"
+    assert data.strip_line_numbers(loaded.records) == [ANSWER, SNUB]
+
+
+def test_conversational_unpaired_that_is_not_one_prompt_and_one_answer_is_named(tmp_path):
+    system = {"role": "system", "content": "Be a pirate."}
+    lines = [
+        json.dumps({"prompt": [system, HI[0]], "completion": HI[1:], "label": True}),
+        json.dumps({"prompt": HI[:1], "completion": HI, "label": True}),
+        json.dumps({"prompt": HI[:1], "completion": HI[:1], "label": False}),
+    ]
+    with pytest.raises(DataError) as caught:
+        load_records(write_lines(tmp_path / "answers.jsonl", lines), "unpaired")
+    assert [p.message for p in caught.value.problems] == [
+        "the prompt is 2 turns (system, user); unpaired data here is one user prompt and one answer",
+        "completion is 2 turns; unpaired data here is one user prompt and one answer",
+        "completion must end with the assistant's answer",
+    ]

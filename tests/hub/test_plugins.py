@@ -14,7 +14,7 @@ from loraflow.hub import hookspecs
 from loraflow.hub.plugins import get_plugins
 from tests.conftest import FIXTURES, PIRATE, REPO, run_loraflow
 
-BUILT_IN = {"sft", "lora", "qlora", "dpo", "ppo"}
+BUILT_IN = {"sft", "lora", "qlora", "dpo", "ppo", "kto", "cpt"}
 
 
 def source_copy(package: Path, tmp_path: Path) -> Path:

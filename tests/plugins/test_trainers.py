@@ -21,9 +21,28 @@ SETTINGS = {
     "qlora": TINY,
     "sft": {**TINY, "extract_rank": 4},
     "dpo": TINY,
+    "kto": TINY,
     "ppo": {**TINY, "total_episodes": 4, "response_length": 4, "num_ppo_epochs": 1, "reward_max_steps": 2},
 }
 DATA = {"lora": "train.jsonl", "qlora": "train.jsonl", "sft": "train.jsonl", "dpo": "prefs.jsonl", "ppo": "prefs.jsonl"}
+
+
+def write_unpaired(path: Path, pairs: int | None = None) -> Path:
+    """The pirate preference pairs as unpaired answers: each chosen answer desirable, each rejected one not."""
+    lines = []
+    for line in (PIRATE / "prefs.jsonl").read_text().splitlines()[:pairs]:
+        pair = json.loads(line)
+        lines.append(json.dumps({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True}))
+        lines.append(json.dumps({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def training_data(trainer_name: str, folder: Path) -> Path:
+    """The shipped pirate data the trainer reads; unpaired data is made from the preference pairs, into `folder`."""
+    if trainer_name == "kto":
+        return write_unpaired(folder / "unpaired.jsonl", pairs=40)
+    return PIRATE / DATA[trainer_name]
 
 
 def train(trainer_name, tiny_base, registry, name=None, parent=None, **overrides):
@@ -33,7 +52,7 @@ def train(trainer_name, tiny_base, registry, name=None, parent=None, **overrides
     config = load_config(config_class, overrides={**SETTINGS[trainer_name], **overrides})
     return run_training(
         trainer_name,
-        data=PIRATE / DATA[trainer_name],
+        data=training_data(trainer_name, registry.path.parent),
         name=name or f"tiny-{trainer_name}",
         base_spec=str(tiny_base.path),
         registry=registry,
@@ -53,7 +72,7 @@ def load_in_peft(tiny_base, folder):
         return model(torch.tensor([[1, 2, 3, 4]])).logits
 
 
-@pytest.mark.parametrize("trainer_name", ["lora", "qlora", "sft", "dpo", "ppo"])
+@pytest.mark.parametrize("trainer_name", ["lora", "qlora", "sft", "dpo", "kto", "ppo"])
 def test_trainer_publishes_an_adapter_that_loads_in_peft(trainer_name, tiny_base, registry):
     version = train(trainer_name, tiny_base, registry)
     folder = registry.folder(version)
@@ -151,7 +170,7 @@ def test_every_config_field_has_help():
 
     from loraflow.hub.plugins import get_plugins
 
-    for name in ("sft", "lora", "qlora", "dpo", "ppo"):
+    for name in ("sft", "lora", "qlora", "dpo", "kto", "ppo"):
         config_class = get_plugins().trainer(name).trainer_class.config_class
         missing = [f.name for f in dataclasses.fields(config_class) if not f.metadata.get("help")]
         assert not missing, f"{name}: no help on {missing}"
@@ -205,7 +224,13 @@ def test_cli_trains_qlora_with_yaml_and_flag(tiny_base, tmp_path):
 
 
 def test_train_help_lists_method_knobs():
-    flags = [("dpo", "--beta"), ("ppo", "--kl-coef"), ("ppo", "--response-length"), ("sft", "--extract-rank")]
+    flags = [
+        ("dpo", "--beta"),
+        ("kto", "--desirable-weight"),
+        ("ppo", "--kl-coef"),
+        ("ppo", "--response-length"),
+        ("sft", "--extract-rank"),
+    ]
     for trainer_name, flag in flags:
         assert flag in run_loraflow("train", trainer_name, "--help").stdout
 

@@ -1,0 +1,275 @@
+"""The fleet's Ray Serve application: N vLLM replicas behind one ingress that speaks vLLM's OpenAI API.
+
+- `VLLMReplica`: each replica starts one vLLM server through `loraflow.serve.launcher.start_server` and forwards
+  requests to it over HTTP, streaming the answer back. A replica holds adapter versions through Ray Serve model
+  multiplexing (`@serve.multiplexed`), keyed on the pinned NAME@V; holding one means vLLM has loaded it.
+- `FleetIngress`: the one place that resolves a client's NAME or NAME@ALIAS, against the registry, to NAME@V.
+  It rewrites the request to that version and sends it with `multiplexed_model_id=NAME@V`, so Ray Serve's router
+  prefers a replica that already holds that version, and a promote changes the key from the next request on.
+  Base-model requests carry no key and spread over all replicas.
+- Every answer names its version (`x-loraflow-version`, and the body's `model` field) and its replica
+  (`x-loraflow-replica`). `GET /v1/loraflow/fleet` reports the registry revision the ingress and each replica have
+  applied, what each NAME serves, and what each replica holds; `loraflow.serve.fleet_ack` waits on it.
+- A replica whose vLLM dies exits, so Ray replaces it at once; the ingress re-sends a request that failed before any
+  of its answer reached the client, and Ray's router, which drops the dead replica, picks another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, Request  # at module level: FastAPI reads the routes' annotations from here
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from loraflow.serve.fleet_ack import FLEET_STATUS_ROUTE
+from loraflow.serve.naming import open_registry_view, servable
+
+logger = logging.getLogger("loraflow.fleet")
+REPLICA_HEADER = "x-loraflow-replica"
+VERSION_HEADER = "x-loraflow-version"
+# Headers a client sends that vLLM needs; hop-by-hop and length headers are the proxies' business.
+FORWARDED_HEADERS = ("authorization", "content-type", "accept")
+# A request whose replica died before answering is sent again, at most this many times in all.
+SEND_ATTEMPTS = 4
+# vLLM batches many requests at once; Ray Serve's default (5) would queue them in front of the engine instead.
+MAX_ONGOING_REQUESTS = 256
+app = FastAPI(title="loraflow fleet")
+
+
+class VLLMUnavailable(RuntimeError):
+    """A replica's vLLM server did not answer; the ingress may send the request to another replica."""
+
+
+@dataclass
+class ResponseStart:
+    """The first item a replica streams back: what the ingress needs before it starts the client's response."""
+
+    status: int
+    content_type: str
+    replica: str
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    health_check_period_s=2,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+class VLLMReplica:
+    def __init__(self, registry: str, base: str, launcher_settings: dict, ready_timeout_s: float, max_held: int):
+        from loraflow.serve.launcher import start_server
+
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.registry = open_registry_view(registry)
+        self.server = start_server(registry, base, **launcher_settings)
+        self.server.wait_ready(ready_timeout_s)
+        self.api_key = self.server.settings.api_key
+        self.client = httpx.AsyncClient(base_url=self.server.root_url, timeout=httpx.Timeout(None, connect=10))
+        self.held: set[str] = set()
+
+        async def hold(ref: str) -> HeldVersion:
+            return await self._load(ref)
+
+        # Held versions follow vLLM's own cache (--max-cpu-loras): Ray evicts the least recently used beyond it.
+        self.hold = serve.multiplexed(max_num_models_per_replica=max_held)(hold)
+
+    async def _load(self, ref: str) -> "HeldVersion":
+        """Load NAME@V into vLLM with a one-token request, so a replica that holds a version has it loaded. A refused
+        or unknown version is held all the same: the client's own request then gets vLLM's explanation."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            await self.client.post(
+                "/v1/completions", json={"model": ref, "prompt": " ", "max_tokens": 1}, headers=headers
+            )
+        except httpx.TransportError:
+            self._exit_if_engine_died()
+        self.held.add(ref)
+        return HeldVersion(ref, self.held)
+
+    async def forward(self, method: str, path: str, body: bytes, headers: dict[str, str]):
+        """Send one request to this replica's vLLM; yield a ResponseStart, then the answer's bytes as they come."""
+        ref = serve.get_multiplexed_model_id()
+        if ref:
+            await self.hold(ref)
+        request = self.client.build_request(method, path, content=body, headers=headers)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TransportError as error:
+            self._exit_if_engine_died()
+            raise VLLMUnavailable(f"replica {self.replica}: vLLM did not answer ({error!r})") from None
+        try:
+            yield ResponseStart(response.status_code, response.headers.get("content-type", ""), self.replica)
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.TransportError as error:
+            self._exit_if_engine_died()
+            raise VLLMUnavailable(f"replica {self.replica}: vLLM stopped mid-answer ({error!r})") from None
+        finally:
+            await response.aclose()
+
+    def status(self) -> dict:
+        return {
+            "replica": self.replica,
+            "revision": self.registry.snapshot().revision,
+            "holds": sorted(self.held),
+            "vllm_pid": self.server.process.pid,
+            "vllm_log": str(self.server.log_path),
+        }
+
+    async def check_health(self) -> None:
+        """Ray calls this periodically; raising makes Ray replace the replica."""
+        if self.server.process.poll() is not None:
+            raise RuntimeError(f"vLLM exited with code {self.server.process.returncode}; see {self.server.log_path}")
+        response = await self.client.get("/health", timeout=20)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM's /health answered {response.status_code}; see {self.server.log_path}")
+
+    def _exit_if_engine_died(self) -> None:
+        """Without vLLM this replica can serve nothing: exit, so Ray's router drops it and Ray starts a new one
+        now rather than at the next health check."""
+        if self.server.process.poll() is None:
+            return
+        logger.error(
+            "replica %s: vLLM exited with code %s; exiting so Ray replaces this replica (log: %s)",
+            self.replica,
+            self.server.process.returncode,
+            self.server.log_path,
+        )
+        self.server.stop()  # engine and worker processes left in vLLM's process group
+        os._exit(1)
+
+    def __del__(self):
+        if hasattr(self, "server"):
+            self.server.stop()
+
+
+class HeldVersion:
+    """One version a replica holds; Ray Serve calls `__del__` when it evicts the least recently used one."""
+
+    def __init__(self, ref: str, held: set[str]):
+        self.ref: str | None = ref
+        self.held_by = held
+
+    def __del__(self):
+        if self.ref is not None:  # once: the garbage collector calls it again after Ray did
+            self.held_by.discard(self.ref)
+            self.ref = None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=MAX_ONGOING_REQUESTS)
+@serve.ingress(app)
+class FleetIngress:
+    def __init__(self, replicas, registry: str, base_name: str, api_key: str | None, replica_count: int):
+        self.replicas = replicas
+        self.registry = open_registry_view(registry)
+        self.base_name = base_name
+        self.api_key = api_key
+        self.replica_count = replica_count
+        self.ingress = serve.get_replica_context().replica_id.unique_id
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        return await self._forward(request, "/v1/models")
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        return Response(status_code=200)
+
+    @app.get(FLEET_STATUS_ROUTE)
+    async def fleet_status(self, request: Request) -> Response:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        snapshot = self.registry.snapshot()
+        live = {name: snapshot.live(name) for name in snapshot.names()}
+        replicas = await self.replicas.broadcast("status").results_async(timeout_s=30, return_exceptions=True)
+        return JSONResponse(
+            {
+                "registry": self.registry.location,
+                "ingress": {"replica": self.ingress, "revision": snapshot.revision},
+                "serves": {name: version.ref for name, version in live.items() if version is not None},
+                "replicas": [replica for replica in replicas if isinstance(replica, dict)],
+                "replicas_configured": self.replica_count,
+            }
+        )
+
+    async def _forward(self, request: Request, path: str) -> Response:
+        body = await request.body()
+        headers = {name: value for name, value in request.headers.items() if name in FORWARDED_HEADERS}
+        ref, body = self._pin(body)
+        handle = self.replicas.options(stream=True, multiplexed_model_id=ref or "")
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            answer = handle.forward.remote(request.method, path, body, headers)
+            try:
+                start = await answer.__anext__()
+            except (VLLMUnavailable, RayActorError, ActorUnavailableError) as error:
+                logger.warning("attempt %d of %d failed before any answer: %s", attempt, SEND_ATTEMPTS, error)
+                last_error = error
+                continue
+            response_headers = {REPLICA_HEADER: start.replica}
+            if start.status < 400:
+                response_headers[VERSION_HEADER] = ref or self.base_name
+            return StreamingResponse(
+                answer, status_code=start.status, media_type=start.content_type or None, headers=response_headers
+            )
+        return JSONResponse(
+            {
+                "error": {
+                    "message": f"no replica could answer after {SEND_ATTEMPTS} attempts (last: {last_error}); "
+                    "Ray is replacing the failed replicas, retry shortly.",
+                    "type": "ServiceUnavailableError",
+                    "code": 503,
+                }
+            },
+            status_code=503,
+        )
+
+    def _pin(self, body: bytes) -> tuple[str | None, bytes]:
+        """NAME@V for the request's model (None for the base or anything the registry does not name), and the body
+        rewritten to ask for exactly that version, so the replica answers with the version the ingress chose."""
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None, body  # vLLM answers a malformed body with its own 400
+        model = payload.get("model") if isinstance(payload, dict) else None
+        version = servable(self.registry.snapshot(), model) if isinstance(model, str) else None
+        if version is None:
+            return None, body
+        payload["model"] = version.ref
+        return version.ref, json.dumps(payload).encode()
+
+
+def build_fleet_app(
+    registry: str,
+    base: str,
+    base_name: str,
+    replicas: int,
+    launcher_settings: dict,
+    ready_timeout_s: float,
+    max_held: int,
+    replica_cpus: float,
+):
+    """The application `serve.run` deploys: `replicas` vLLM replicas behind one ingress; each replica holds at most
+    `max_held` versions, as many as its vLLM keeps loaded."""
+    replica = VLLMReplica.options(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus})
+    return FleetIngress.bind(
+        replica.bind(registry, base, launcher_settings, ready_timeout_s, max_held),
+        registry,
+        base_name,
+        launcher_settings.get("api_key"),
+        replicas,
+    )
