@@ -2,25 +2,33 @@
 
 1. A reward model learned from preference pairs: sequence classification with a LoRA adapter (TRL
    RewardTrainer), returned as an extra artifact that run_training publishes as NAME-reward, of kind "reward",
-   so `--reward` can reuse it.
+   so `--reward` can reuse it. When the run continues a parent and NAME-reward already has a version on this
+   base, its newest version is trained further on the new pairs instead of a new one from scratch: the reward
+   model accumulates what every round of votes taught. `--reward` reuses a reward model without training.
 2. PPO (trl.experimental.ppo) of a LoRA policy against that reward, with a value model initialised from
-   the reward model and a KL penalty to the reference (the base: the policy with its adapter disabled).
+   the reward model and a KL penalty to the reference. Without a parent the policy is a new adapter and the
+   reference is the base (the policy with its adapter disabled). With a parent the policy continues the parent's
+   adapter, and the reference is the parent itself: a frozen copy with the adapter merged into the base, handed
+   to PPOTrainer as ref_model (disabling the adapter would give the base, not the parent).
 The output is the policy adapter; its metrics hold the mean reward on held-out prompts before and after.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hookspecs import hookimpl
+from loraflow.hub.registry import AdapterVersion
 from loraflow.hub.training import Artifact, TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
     compute_dtype,
     final_metrics,
     generate_answers,
     load_causal_lm,
+    load_parent_adapter,
     load_tokenizer,
     lora_config,
     no_grad,
@@ -32,6 +40,7 @@ from loraflow.plugins.common import (
 
 # SmolLM2 pads with its end-of-turn token, which also appears inside every chat prompt; PPO masks pads by id.
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<unk>")
+REWARD_SUFFIX = "-reward"  # NAME's reward model is published as NAME-reward
 
 
 @dataclass
@@ -103,9 +112,30 @@ def load_reward_base(job: TrainJob, tokenizer):
     return model
 
 
-def train_reward_model(job: TrainJob, tokenizer):
-    """Stage 1: LoRA reward model on the preference pairs; returns it (merged) and its adapter folder and metrics."""
+def previous_reward(job: TrainJob) -> AdapterVersion | None:
+    """The reward model a continued policy's reward continues: NAME-reward's newest version on this base, if any.
+
+    The newest, not the live one: only a name's first version goes live on publishing, later reward versions stay
+    candidates. Without a parent there is none, so a new policy always gets a new reward model."""
+    if job.parent is None or job.registry is None:
+        return None
+    snapshot = job.registry.snapshot()
+    name = job.name + REWARD_SUFFIX
+    if not snapshot.has(name):
+        return None
+    versions = [
+        version
+        for version in snapshot.versions(name)
+        if version.kind == "reward" and version.base["fingerprint"] == job.base.fingerprint
+    ]
+    return versions[-1] if versions else None
+
+
+def train_reward_model(job: TrainJob, tokenizer, previous: AdapterVersion | None = None):
+    """Stage 1: LoRA reward model on the preference pairs, a new one or `previous` trained further; returns it
+    (merged), its adapter folder and its metrics."""
     from datasets import Dataset
+    from peft import PeftModel
     from trl import RewardConfig, RewardTrainer
 
     config = job.config
@@ -114,15 +144,22 @@ def train_reward_model(job: TrainJob, tokenizer):
         "learning_rate": config.reward_learning_rate,
         "max_steps": config.reward_max_steps,
     }
+    model = load_reward_base(job, tokenizer)
+    if previous is None:
+        peft_config = lora_config(config, task_type="SEQ_CLS")
+    else:
+        # No peft_config: RewardTrainer trains the loaded adapter (its LoRA and its score head) as it is.
+        folder = str(job.registry.folder(previous))
+        model, peft_config = PeftModel.from_pretrained(model, folder, is_trainable=True), None
     eval_dataset = Dataset.from_list(preference_to_conversation(job.eval_records)) if job.eval_records else None
     trainer = quiet(
         RewardTrainer(
-            model=load_reward_base(job, tokenizer),
+            model=model,
             args=RewardConfig(**arguments, max_length=config.max_length),
             train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            peft_config=lora_config(config, task_type="SEQ_CLS"),
+            peft_config=peft_config,
             callbacks=job.callbacks,
         )
     )
@@ -131,6 +168,8 @@ def train_reward_model(job: TrainJob, tokenizer):
     if eval_dataset is not None:
         evaluation = trainer.evaluate()
         metrics |= {"eval_accuracy": evaluation["eval_accuracy"], "eval_margin": evaluation["eval_margin"]}
+    if previous is not None:
+        metrics["continued_from"] = previous.ref
     folder = save_adapter(trainer.model, job, folder="reward")
     return trainer.model.merge_and_unload(), folder, metrics
 
@@ -166,14 +205,21 @@ def mean_reward(policy, reward_model, tokenizer, prompts: list[str], response_le
     return reward_model(**batch).logits.squeeze(-1).float().mean().item()
 
 
-def separate_reference(job: TrainJob):
-    """None (the reference is the policy with its adapter disabled), or a frozen copy of the base when distributed.
+def reference_model(job: TrainJob):
+    """The frozen KL reference: the parent merged into a copy of the base, or None (the base: the policy with its
+    adapter disabled), or a frozen copy of the base when distributed.
 
     TRL 1.12's PPOTrainer disables the adapter through `self.model.policy`, which a DistributedDataParallel
     wrapper hides (AttributeError under `accelerate launch`), so several processes need their own reference."""
     from accelerate import PartialState
 
-    return load_causal_lm(job) if PartialState().num_processes > 1 else None
+    if job.parent_dir:
+        reference = load_parent_adapter(job, load_causal_lm(job), is_trainable=False).merge_and_unload()
+    elif PartialState().num_processes > 1:
+        reference = load_causal_lm(job)
+    else:
+        return None
+    return reference.eval().requires_grad_(False)
 
 
 def rollout_dataset(records: list[dict], tokenizer):
@@ -193,17 +239,16 @@ def rollout_dataset(records: list[dict], tokenizer):
 
 class PpoTrainer:
     name = "ppo"
-    description = "RLHF: a LoRA reward model (TRL RewardTrainer) from preference pairs, then PPO of a LoRA policy."
+    description = (
+        "RLHF: a LoRA reward model (TRL RewardTrainer) from preference pairs, then PPO of a LoRA policy; "
+        "--parent continues the policy against itself, and the newest NAME-reward on the new pairs."
+    )
     config_class = PpoTrainingConfig
     data_format = "preference"
 
     def train(self, job: TrainJob) -> TrainResult:
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-        if job.parent_dir:
-            raise LoraflowError(
-                "ppo trains a new policy adapter against the base; continue an adapter with dpo --parent"
-            )
         config = job.config
         tokenizer = ppo_tokenizer(job)
         metrics: dict[str, float] = {}
@@ -212,12 +257,17 @@ class PpoTrainer:
             reward_model, reward_version = load_reward_model(job, tokenizer)
             metrics["reward_model"] = reward_version.ref
         else:
-            reward_model, reward_folder, reward_metrics = train_reward_model(job, tokenizer)
+            reward_model, reward_folder, reward_metrics = train_reward_model(job, tokenizer, previous_reward(job))
             metrics |= {f"reward_{key}": value for key, value in reward_metrics.items()}
             extra_artifacts.append(reward_artifact(job, reward_folder, reward_metrics))
         held_out_records = job.eval_records or job.train_records[: config.per_device_train_batch_size]
         held_out = [record["prompt"] for record in held_out_records]
         policy = load_causal_lm(job)
+        if job.parent_dir:
+            # No peft_config: PPOTrainer trains the parent's adapter itself; the reference is a frozen copy of it.
+            policy, peft_config = load_parent_adapter(job, policy), None
+        else:
+            peft_config = lora_config(config)
         metrics["mean_reward_before"] = mean_reward(policy, reward_model, tokenizer, held_out, config.response_length)
 
         tokenizer.padding_side = "left"  # rollouts continue from the end of each prompt
@@ -238,12 +288,12 @@ class PpoTrainer:
             ),
             processing_class=tokenizer,
             model=policy,
-            ref_model=separate_reference(job),
+            ref_model=reference_model(job),
             reward_model=reward_model,
             value_model=copy.deepcopy(reward_model),
             train_dataset=rollout_dataset(job.train_records, tokenizer),
             eval_dataset=rollout_dataset(job.eval_records or job.train_records[:1], tokenizer),
-            peft_config=lora_config(config),
+            peft_config=peft_config,
             callbacks=[policy_loss_as_loss(), *job.callbacks],
         )
         quiet(trainer).train()
@@ -267,16 +317,17 @@ class PpoTrainer:
 def reward_artifact(job: TrainJob, folder, metrics: dict) -> Artifact:
     """The reward adapter, published by run_training as NAME-reward; the policy's metrics record its NAME@V."""
     config = job.config
+    lora = {"lora_r": config.lora_r, "lora_target_modules": config.lora_target_modules}
+    if "continued_from" in metrics:  # a continued adapter keeps the shape it was first trained with
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        lora = {"lora_r": saved["r"], "lora_target_modules": saved["target_modules"]}
+        lora["continued_from"] = metrics["continued_from"]
     return Artifact(
         adapter_dir=folder,
-        name_suffix="-reward",
+        name_suffix=REWARD_SUFFIX,
         kind="reward",
         metrics=metrics,
-        config={
-            "learning_rate": config.reward_learning_rate,
-            "lora_r": config.lora_r,
-            "lora_target_modules": config.lora_target_modules,
-        },
+        config={"learning_rate": config.reward_learning_rate, **lora},
         recorded_as="reward_model",
     )
 
