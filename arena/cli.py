@@ -16,6 +16,7 @@ import typer
 from loraflow.arena.judge import DEFAULT_JUDGE
 from loraflow.arena.settings import (
     DEFAULT_SERVER,
+    LOOP_TRAINING,
     ArenaSettings,
     GateSettings,
     HygieneSettings,
@@ -368,7 +369,11 @@ def loop(
     trainer: str = setting_option(LoopSettings, "trainer", "--trainer"),
     hygiene: bool = HYGIENE_OPTION,
     set_values: List[str] = typer.Option(
-        [], "--set", help="Trainer setting KEY=VALUE, e.g. --set max_steps=30 (repeatable); checked at start."
+        [],
+        "--set",
+        help="Trainer setting KEY=VALUE, e.g. --set max_steps=30 (repeatable); checked at start. The loop's own "
+        "defaults, under these: "
+        + "; ".join(f"{t}: " + ", ".join(f"{k}={v:g}" for k, v in d.items()) for t, d in LOOP_TRAINING.items()),
     ),
     poll_s: float = setting_option(LoopSettings, "poll_s", "--poll"),
     backoff_s: float = setting_option(LoopSettings, "backoff_s", "--backoff"),

@@ -167,8 +167,14 @@ class LoopSettings:
             )
 
 
+# What the loop trains with unless --set says otherwise: one pass at the trainer's own defaults barely moved the
+# adapter; three passes at LoRA's usual step size did, on both shipped tasks (bench/loop_quality.py, README).
+LOOP_TRAINING = {"dpo": {"learning_rate": 2e-4, "num_train_epochs": 3.0}}
+
+
 def trainer_config(trainer: str, overrides: dict):
-    """The trainer's config with the --set values, built at start so a typo fails before the loop waits for votes."""
+    """The trainer's config with the loop's defaults for it and the --set values over them, built at start so a
+    typo fails before the loop waits for votes."""
     from loraflow.hub.plugins import get_plugins
     from loraflow.hub.training import config_fields, load_config
 
@@ -181,7 +187,7 @@ def trainer_config(trainer: str, overrides: dict):
             raise LoraflowError(
                 f"--set {key}: the {trainer} trainer has no setting {key!r}.{hint} Its settings: {', '.join(known)}."
             )
-    config = load_config(config_class, None, overrides)
+    config = load_config(config_class, None, {**LOOP_TRAINING.get(trainer, {}), **overrides})
     hints = typing.get_type_hints(config_class)
     for key in overrides:
         # load_config converts strings only; YAML has already read `3.5` as a float and `yes` as a bool.

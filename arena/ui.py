@@ -108,11 +108,11 @@ def build_arena(arena: Arena) -> gr.Blocks:
             raise gr.Error("Ask something first.")
         yield from stream_round(arena.regenerate(current))
 
-    def vote(label: str, current: Round | None, request: gr.Request):
+    def vote(outcome: str, current: Round | None, request: gr.Request):
         if current is None or not current.finished:
             raise gr.Error("Wait for both answers before voting.")
         try:
-            recorded = arena.vote(current, VOTE_BUTTONS[label], session_of(request))
+            recorded = arena.vote(current, outcome, session_of(request))
         except LoraflowError as error:
             raise gr.Error(str(error))
         stored = recorded.vote
@@ -120,6 +120,14 @@ def build_arena(arena: Arena) -> gr.Blocks:
         status = "Vote recorded. Thank you!" if recorded.created_now else "This round's vote was already recorded."
         arena.live_leaderboard.wake()  # the leaderboard tab's timer shows the refit when it is done
         return reveal, status, *vote_buttons_update(False)
+
+    def vote_for(outcome: str):
+        """One button's click: Gradio's API does not send a button's own value, so the outcome is bound here."""
+
+        def vote_click(current: Round | None, request: gr.Request):
+            return vote(outcome, current, request)
+
+        return vote_click
 
     def new_round():
         return None, "", "", "", "", "Type a prompt to start a new round.", *vote_buttons_update(False)
@@ -159,8 +167,8 @@ def build_arena(arena: Arena) -> gr.Blocks:
         prompt.submit(ask, prompt, round_outputs)
         regenerate_button.click(regenerate, current_round, round_outputs)
         new_round_button.click(new_round, None, [current_round, prompt, answer_a, answer_b, reveal, status, *buttons])
-        for button in buttons:
-            button.click(vote, [button, current_round], [reveal, status, *buttons])
+        for button, outcome in zip(buttons, VOTE_BUTTONS.values()):
+            button.click(vote_for(outcome), current_round, [reveal, status, *buttons], api_name=f"vote_{outcome}")
         board_outputs = [table, plot, style, lineage, shown_fit]
         refresh.click(lambda: leaderboard_view(arena), None, board_outputs)
         blocks.load(lambda: leaderboard_view(arena), None, board_outputs)

@@ -39,7 +39,7 @@ ask pirate "What is the capital of Italy?"
 step "6. 100 arena rounds; a simulated voter (answers opening with 'Arr' win) votes through the arena's vote path" \
   loraflow votes simulate pirate --rounds 100 --max-tokens 32
 step "7. The loop: DPO trains pirate@2 from pirate@1 on those votes and publishes it as a candidate" \
-  loraflow loop pirate --once --votes-needed 10 --set max_steps=20 --set learning_rate=2e-4 --set eval_split=0
+  loraflow loop pirate --once --votes-needed 10
 step "8. More rounds: the arena pairs the candidate with its parent until the gate can decide" \
   loraflow votes simulate pirate --rounds 40 --max-tokens 32 --seed 1
 step "9. The gate: promote pirate@2 once its win probability over pirate@1 is above 0.5 with 95% confidence" \

@@ -184,6 +184,14 @@ def test_outlier_test_needs_enough_votes_and_other_sessions_on_the_pair():
     assert screen(in_seq_order(honest + short + only_voter)).excluded == []
 
 
+def test_people_are_tested_against_people_not_against_a_judges_votes():
+    """A judge that bootstrapped the loop prefers what it prefers; a person who disagrees with it is no outlier."""
+    rng = random.Random(4)
+    judges = [replace(v, session_id=judge_session("rule", v.session_id)) for v in honest_votes(rng, 40)]
+    person = adversary(rng, "person", 40, (20, 60), for_the_weaker, 10_000)  # prefers what the judges rank last
+    assert screen(in_seq_order(judges + person)).excluded == []
+
+
 def test_screening_is_deterministic_whatever_the_order_of_the_votes():
     rng = random.Random(3)
     votes = in_seq_order(honest_votes(rng, 20) + adversary(rng, "bot", 300, (0.2, 1.0), for_the_weaker, 10_000))
