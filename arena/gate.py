@@ -10,11 +10,10 @@ verdict the arena keeps pairing the two, so the votes go where they decide somet
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 from loraflow.arena.ratings import WinProbability, win_probability
 from loraflow.arena.settings import GateSettings
-from loraflow.arena.votes import Vote
+from loraflow.arena.votes import HeadToHead
 
 PROMOTE, REJECT, ROLLBACK, UNDECIDED, KEEP = "promote", "reject", "rollback", "undecided", "keep"
 
@@ -34,12 +33,9 @@ class Verdict:
         )
 
 
-def head_to_head(votes: Sequence[Vote], first: str, second: str) -> list[Vote]:
-    return [v for v in votes if {v.contestant_a, v.contestant_b} == {first, second}]
-
-
-def judge_candidate(votes: Sequence[Vote], candidate: str, parent: str, settings: GateSettings) -> Verdict:
-    estimate = win_probability(head_to_head(votes, candidate, parent), candidate, parent, settings.level)
+def judge_candidate(tally: HeadToHead, settings: GateSettings) -> Verdict:
+    """`tally` counts the candidate's votes against its parent, from the candidate's side."""
+    estimate = win_probability(tally, settings.level)
     if estimate.games < settings.min_votes:
         return Verdict(UNDECIDED, estimate)
     if estimate.low > settings.threshold:
@@ -49,9 +45,9 @@ def judge_candidate(votes: Sequence[Vote], candidate: str, parent: str, settings
     return Verdict(UNDECIDED, estimate)
 
 
-def watch_live(votes: Sequence[Vote], live: str, parent: str, settings: GateSettings) -> Verdict:
-    """After a promotion: roll back once the live version is shown worse than its parent."""
-    estimate = win_probability(head_to_head(votes, live, parent), live, parent, settings.level)
+def watch_live(tally: HeadToHead, settings: GateSettings) -> Verdict:
+    """After a promotion: roll back once the live version is shown worse than its parent (`tally` from its side)."""
+    estimate = win_probability(tally, settings.level)
     if estimate.games >= settings.min_votes and estimate.high < settings.threshold:
         return Verdict(ROLLBACK, estimate)
     if estimate.games >= settings.max_votes or estimate.low > settings.threshold:
@@ -59,6 +55,6 @@ def watch_live(votes: Sequence[Vote], live: str, parent: str, settings: GateSett
     return Verdict(UNDECIDED, estimate)
 
 
-def needs_votes(votes: Sequence[Vote], newer: str, parent: str, settings: GateSettings) -> bool:
-    """Whether head-to-head votes between a version and its parent would still decide something."""
-    return watch_live(votes, newer, parent, settings).action == UNDECIDED
+def needs_votes(tally: HeadToHead, settings: GateSettings) -> bool:
+    """Whether more votes between a version and its parent would still decide something (`tally` from its side)."""
+    return watch_live(tally, settings).action == UNDECIDED

@@ -27,7 +27,7 @@ from loraflow.arena.gate import PROMOTE, ROLLBACK, UNDECIDED, Verdict, judge_can
 from loraflow.arena.hygiene import Excluded, screen
 from loraflow.arena.screening import SetAside, screen_votes
 from loraflow.arena.settings import GateSettings, LoopSettings, trainer_config
-from loraflow.arena.votes import DECISIVE, OUTCOMES, Vote, VoteStore
+from loraflow.arena.votes import DECISIVE, OUTCOMES, HeadToHead, Vote, VoteStore
 from loraflow.hub.base import cache_dir, resolve_base
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.plugins import get_plugins
@@ -187,13 +187,13 @@ class FeedbackLoop:
         detail = f"{learned}; the arena pairs it with {live.ref} until the gate decides."
         return LoopEvent("trained", detail, trained.ref, timings, len(set_aside))
 
-    def _head_to_head(self, first: str, second: str) -> list[Vote]:
-        """The votes between two versions that count: none that vote hygiene leaves out sways the gate."""
-        votes = self.store.votes(between=(first, second))
-        if not votes:
-            return votes
+    def _head_to_head(self, first: str, second: str) -> HeadToHead:
+        """The votes between two versions that count, from `first`'s side: what hygiene leaves out sways no gate."""
+        if self.settings.hygiene is None:
+            return self.store.head_to_head(first, second)
         excluded = self._excluded_by_hygiene()
-        return [v for v in votes if v.vote_id not in excluded]
+        votes = [v for v in self.store.votes(between=(first, second)) if v.vote_id not in excluded]
+        return HeadToHead.of(votes, first, second)
 
     def _excluded_by_hygiene(self) -> dict[str, Excluded]:
         """The votes vote hygiene leaves out, by id; it reads every vote, since its rules read whole sessions."""
@@ -217,7 +217,7 @@ class FeedbackLoop:
             reason = f"candidate trained from {live.ref}; no gate; rolled back if shown worse"
             self.registry.promote(new.ref, actor=ACTOR, reason=reason)
             return LoopEvent("promoted", f"{new.ref} (trained before this run) is now live.", new.ref)
-        verdict = judge_candidate(self._head_to_head(new.ref, live.ref), new.ref, live.ref, gate)
+        verdict = judge_candidate(self._head_to_head(new.ref, live.ref), gate)
         self.registry.record_metrics(new.ref, gate_metrics(verdict))
         if verdict.action == UNDECIDED:
             detail = f"{new.ref} vs {live.ref}: {verdict.reason}; the gate waits for more votes."
@@ -233,7 +233,7 @@ class FeedbackLoop:
         if not live.parent or not snapshot.has(live.name):
             return None
         gate = self.settings.gate or GateSettings()
-        verdict = watch_live(self._head_to_head(live.ref, live.parent), live.ref, live.parent, gate)
+        verdict = watch_live(self._head_to_head(live.ref, live.parent), gate)
         if verdict.action != ROLLBACK:
             return None
         self.registry.record_metrics(live.ref, gate_metrics(verdict))

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -28,7 +29,7 @@ import numpy as np
 
 from loraflow.arena.hygiene import screen
 from loraflow.arena.settings import HygieneSettings
-from loraflow.arena.votes import Vote
+from loraflow.arena.votes import HeadToHead, Vote
 
 ELO_START = 1000.0
 ELO_K = 32.0
@@ -38,6 +39,7 @@ PRIOR = 0.5  # one virtual draw per contestant, as half a win and half a loss
 STYLE_PRECISION = 1.0  # a N(0, 1) prior on each style coefficient (logits per standard deviation)
 STYLE_FEATURES = ("length", "headers", "list items", "bold")
 SCORES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
+REFIT_REST = 4  # the background refit waits this many times its own duration before the next
 PLOT_POINTS = 500  # per contestant; keeps drawing the plot constant work however many votes there are
 
 HEADER = re.compile(r"^ {0,3}#{1,6}\s", re.MULTILINE)
@@ -253,15 +255,13 @@ class WinProbability:
     level: float = LEVEL
 
 
-def win_probability(
-    votes: Sequence[Vote], first: str, second: str, level: float = LEVEL, prior: float = PRIOR
-) -> WinProbability:
-    """From the votes between `first` and `second` alone (ties and both-bad count half); the prior's virtual draws
-    keep the interval wide and finite after a handful of votes."""
-    rows = [v for v in votes if {v.contestant_a, v.contestant_b} == {first, second} and first != second]
-    first_index = np.array([0 if v.contestant_a == first else 1 for v in rows], dtype=int)
-    score = np.array([SCORES[v.outcome] for v in rows], dtype=float)
-    fit = _fit_logistic(2, first_index, 1 - first_index, score, np.ones(len(rows)), np.zeros((len(rows), 0)), prior)
+def win_probability(tally: HeadToHead, level: float = LEVEL, prior: float = PRIOR) -> WinProbability:
+    """From the votes between the two alone (draws count half); the prior's virtual draws keep the interval wide
+    and finite after a handful of votes. Fitted from the counts, so the cost does not grow with the votes."""
+    first_index = np.array([0, 1, 0])
+    score = np.array([tally.wins, tally.losses, tally.draws / 2], dtype=float)
+    games = np.array([tally.wins, tally.losses, tally.draws], dtype=float)
+    fit = _fit_logistic(2, first_index, 1 - first_index, score, games, np.zeros((3, 0)), prior)
     difference = fit.params[0] - fit.params[1]
     spread = math.sqrt(max(fit.covariance[0, 0] + fit.covariance[1, 1] - 2 * fit.covariance[0, 1], 0.0))
     z = NormalDist().inv_cdf((1 + level) / 2)
@@ -270,12 +270,12 @@ def win_probability(
         return 1.0 / (1.0 + math.exp(-x))
 
     return WinProbability(
-        first,
-        second,
+        tally.first,
+        tally.second,
         sigmoid(difference),
         sigmoid(difference - z * spread),
         sigmoid(difference + z * spread),
-        len(rows),
+        tally.games,
         level,
     )
 
@@ -488,11 +488,13 @@ class LiveLeaderboard:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.perf_counter()
             try:
                 self.refresh()
             except Exception:  # a locked or unreachable database: keep showing the last fit, try again later
                 log.exception("refitting the leaderboard failed; showing the previous ratings")
-            self._wake.wait(self.poll_s)
+            # A refit shares the arena's process; resting REFIT_REST times as long keeps it to a share of the CPU.
+            self._wake.wait(max(self.poll_s, REFIT_REST * (time.perf_counter() - started)))
             self._wake.clear()
 
 

@@ -79,8 +79,7 @@ class Arena:
             newest = snapshot.latest(name)
             if not newest.parent or is_rejected(newest):
                 continue
-            votes = self.store.votes(between=(newest.ref, newest.parent))
-            if needs_votes(votes, newest.ref, newest.parent, self.settings.gate):
+            if needs_votes(self.store.head_to_head(newest.ref, newest.parent), self.settings.gate):
                 return newest.ref, newest.parent
         return None
 

@@ -117,8 +117,8 @@ def build_arena(arena: Arena) -> gr.Blocks:
             raise gr.Error(str(error))
         stored = recorded.vote
         reveal = f"Model A was {stored.contestant_a}\nModel B was {stored.contestant_b}"
+        # No wake here: the background fit's own poll picks the vote up, so a click never starts a refit of every vote.
         status = "Vote recorded. Thank you!" if recorded.created_now else "This round's vote was already recorded."
-        arena.live_leaderboard.wake()  # the leaderboard tab's timer shows the refit when it is done
         return reveal, status, *vote_buttons_update(False)
 
     def vote_for(outcome: str):

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -128,6 +128,45 @@ class Recorded:
 
 class RateLimited(LoraflowError):
     """This session voted more often than the store allows; the message says when to try again."""
+
+
+def _between(first: str, second: str):
+    c = _VOTES.c
+    return ((c.contestant_a == first) & (c.contestant_b == second)) | (
+        (c.contestant_a == second) & (c.contestant_b == first)
+    )
+
+
+@dataclass(frozen=True)
+class HeadToHead:
+    """Votes between two contestants, from `first`'s side: its wins, its losses, and draws (ties, both bad)."""
+
+    first: str
+    second: str
+    wins: int = 0
+    losses: int = 0
+    draws: int = 0
+
+    @property
+    def games(self) -> int:
+        return self.wins + self.losses + self.draws
+
+    def plus(self, outcome_for_first_as_a: str, count: int = 1) -> HeadToHead:
+        """Count `count` votes whose outcome reads as if `first` answered as A."""
+        if outcome_for_first_as_a == "a":
+            return replace(self, wins=self.wins + count)
+        if outcome_for_first_as_a == "b":
+            return replace(self, losses=self.losses + count)
+        return replace(self, draws=self.draws + count)
+
+    @classmethod
+    def of(cls, votes: Iterable[Vote], first: str, second: str) -> HeadToHead:
+        tally = cls(first, second)
+        for vote in votes:
+            if {vote.contestant_a, vote.contestant_b} == {first, second} and first != second:
+                outcome = vote.outcome if vote.contestant_a == first else {"a": "b", "b": "a"}.get(vote.outcome)
+                tally = tally.plus(outcome or vote.outcome)
+        return tally
 
 
 def _row_to_vote(row) -> Vote:
@@ -438,23 +477,32 @@ class VoteStore:
     ) -> list[Vote]:
         """Votes in insertion order; filtered to those naming one of `contestants`, or any version of adapter `name`,
         or to the head-to-head votes `between` two contestants."""
-        query = select(VoteRow).where(VoteRow.seq > after_seq).order_by(VoteRow.seq)
+        c = _VOTES.c
+        query = select(_VOTES).where(c.seq > after_seq).order_by(c.seq)  # Core rows: no ORM objects to build
         if between is not None:
-            first, second = between
-            query = query.where(
-                ((VoteRow.contestant_a == first) & (VoteRow.contestant_b == second))
-                | ((VoteRow.contestant_a == second) & (VoteRow.contestant_b == first))
-            )
+            query = query.where(_between(*between))
         if contestants is not None:
             wanted = list(contestants)
-            query = query.where(VoteRow.contestant_a.in_(wanted) | VoteRow.contestant_b.in_(wanted))
+            query = query.where(c.contestant_a.in_(wanted) | c.contestant_b.in_(wanted))
         if name is not None:
             pattern = name.replace("_", "\\_") + "@%"  # '_' is a LIKE wildcard and may appear in names
-            query = query.where(
-                VoteRow.contestant_a.like(pattern, escape="\\") | VoteRow.contestant_b.like(pattern, escape="\\")
-            )
-        with Session(self.engine) as session:
-            return [_row_to_vote(row) for row in session.scalars(query)]
+            query = query.where(c.contestant_a.like(pattern, escape="\\") | c.contestant_b.like(pattern, escape="\\"))
+        with self.engine.connect() as connection:
+            return [_row_to_vote(row) for row in connection.execute(query)]
+
+    def head_to_head(self, first: str, second: str) -> HeadToHead:
+        """The outcomes of the votes between two contestants, counted by the database: constant work per round."""
+        if first == second:
+            return HeadToHead(first, second)
+        c = _VOTES.c
+        first_side = c.contestant_a == first
+        query = select(first_side.label("first_is_a"), c.outcome, func.count()).where(_between(first, second))
+        with self.engine.connect() as connection:
+            rows = connection.execute(query.group_by(first_side, c.outcome)).all()
+        tally = HeadToHead(first, second)
+        for first_is_a, outcome, count in rows:
+            tally = tally.plus(outcome if first_is_a else {"a": "b", "b": "a"}.get(outcome, outcome), count)
+        return tally
 
     def adapter_names(self) -> list[str]:
         """The adapter names with at least one vote: each NAME@V contestant's NAME."""

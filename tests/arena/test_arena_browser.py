@@ -83,7 +83,8 @@ def arena_ui(registry, tmp_path, smollm2):
 
 
 @pytest.mark.e2e
-def test_prompt_two_answers_vote_reveal_and_leaderboard(arena_ui):
+def test_prompt_two_answers_vote_reveal_and_leaderboard(arena_ui, tmp_path):
+    """In a browser, then as a script votes: through the Gradio API with gradio_client, one session per client."""
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -121,3 +122,20 @@ def test_prompt_two_answers_vote_reveal_and_leaderboard(arena_ui):
         expect(page.locator("#lineage textarea")).to_have_value("pirate@1")
         page.screenshot(path=str(ARTIFACTS / "arena-leaderboard.png"), full_page=True)
         browser.close()
+
+    from gradio_client import Client
+
+    from loraflow.arena.votes import VoteStore
+
+    client = Client(arena_ui, verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/ask", "/vote_a", "/vote_b", "/vote_tie", "/vote_both_bad"} <= set(endpoints)
+    answer_a, answer_b, reveal, status, *_ = client.predict("Name a color.", api_name="/ask")
+    assert answer_a.strip() and answer_b.strip() and reveal == "" and status == "Which answer is better?"
+    reveal, status, *_ = client.predict(api_name="/vote_b")
+    assert status == "Vote recorded. Thank you!" and reveal.startswith("Model A was ")
+    assert client.predict(api_name="/vote_b")[1] == "This round's vote was already recorded."
+    stored = VoteStore(str(tmp_path / "votes.db"), rate_limit=None, create=False).votes()
+    assert [v.outcome for v in stored] == ["a", "b"]
+    assert (stored[1].prompt, stored[1].answer_a, stored[1].answer_b) == ("Name a color.", answer_a, answer_b)
+    assert stored[0].session_id != stored[1].session_id  # the browser and the script are two sessions

@@ -25,7 +25,7 @@ from loraflow.arena.ratings import (
     style_counts,
     win_probability,
 )
-from loraflow.arena.votes import Vote
+from loraflow.arena.votes import HeadToHead, Vote
 
 
 def votes_from(results: list[tuple[str, str, str]]) -> list[Vote]:
@@ -234,7 +234,8 @@ def test_two_samples_of_one_version_move_no_rating_but_inform_the_style_effects(
 
 def test_win_probability_interval_narrows_with_votes_and_is_wide_but_finite_at_first():
     def estimate(wins: int, losses: int):
-        return win_probability(votes_from([("x@2", "x@1", "a")] * wins + [("x@1", "x@2", "a")] * losses), "x@2", "x@1")
+        votes = votes_from([("x@2", "x@1", "a")] * wins + [("x@1", "x@2", "a")] * losses)
+        return win_probability(HeadToHead.of(votes, "x@2", "x@1"))
 
     none, one, many = estimate(0, 0), estimate(1, 0), estimate(40, 10)
     assert none.probability == pytest.approx(0.5) and none.low < 0.05 and none.high > 0.95

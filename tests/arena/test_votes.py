@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import OperationalError, StatementError
 
 from loraflow.arena.export import export_preferences, export_training_data, unpaired_feedback
-from loraflow.arena.votes import GroupCommit, RateLimit, RateLimited, Recorded, Vote, VoteStore
+from loraflow.arena.votes import GroupCommit, HeadToHead, RateLimit, RateLimited, Recorded, Vote, VoteStore
 from loraflow.hub.errors import LoraflowError
 from tests.conftest import REPO, run_loraflow
 
@@ -90,6 +90,12 @@ def test_two_samples_of_one_version_are_a_vote_and_between_finds_head_to_head_vo
     assert store.votes()[0].same_contestant and store.count() == 4
     assert [v.seq for v in store.votes(between=("pirate@1", "pirate@2"))] == [2, 3]
     assert [v.seq for v in store.votes(between=("pirate@1", "pirate@1"))] == [1]
+    store.record(make_vote("tie", a="pirate@1", b="pirate@2"))
+    store.record(make_vote("b", a="pirate@2", b="pirate@1"))
+    counted = store.head_to_head("pirate@2", "pirate@1")
+    assert (counted.wins, counted.losses, counted.draws) == (1, 2, 1)  # a, then b (pirate@1 on A), tie, b
+    assert counted == HeadToHead.of(store.votes(), "pirate@2", "pirate@1")
+    assert store.head_to_head("pirate@1", "pirate@1").games == 0
 
 
 def test_rate_limit_is_per_session(tmp_path):
