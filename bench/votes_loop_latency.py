@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--votes", type=int, default=200)
-    parser.add_argument("--set", action="append", default=[], help="DPO setting KEY=VALUE (default: one epoch).")
+    parser.add_argument("--set", action="append", default=[], help="DPO setting KEY=VALUE (default: the loop's).")
     args = parser.parse_args()
 
     from loraflow.arena.loop import FeedbackLoop, LoopSettings
@@ -58,7 +58,8 @@ def main() -> None:
             played = Round(f"bench-{number}", pair["prompt"], Pairing("pirate@1", "base"), answers)
             arena.vote(played, "a", f"bench-{number}")
         started = time.perf_counter()
-        loop_settings = LoopSettings("pirate", votes_needed=len(pairs), training_overrides=overrides)
+        # No gate: this measures the path from the N-th vote to an answer from the new version.
+        loop_settings = LoopSettings("pirate", votes_needed=len(pairs), gate=None, training_overrides=overrides)
         event = FeedbackLoop(loop_settings, registry, store).step()
         swap_started = time.perf_counter()
         answer = greedy_answer(arena.client, "pirate", "What is 12 plus 30?")
