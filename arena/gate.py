@@ -48,9 +48,11 @@ def judge_candidate(tally: HeadToHead, settings: GateSettings) -> Verdict:
 def watch_live(tally: HeadToHead, settings: GateSettings) -> Verdict:
     """After a promotion: roll back once the live version is shown worse than its parent (`tally` from its side)."""
     estimate = win_probability(tally, settings.level)
-    if estimate.games >= settings.min_votes and estimate.high < settings.threshold:
+    if estimate.games < settings.min_votes:
+        return Verdict(UNDECIDED, estimate)
+    if estimate.high < settings.threshold:
         return Verdict(ROLLBACK, estimate)
-    if estimate.games >= settings.max_votes or estimate.low > settings.threshold:
+    if estimate.low > settings.threshold or estimate.games >= settings.max_votes:
         return Verdict(KEEP, estimate)
     return Verdict(UNDECIDED, estimate)
 
