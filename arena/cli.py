@@ -146,13 +146,18 @@ def votes_export(
             "(A or B: the winner's answer true, the loser's false; tie: both true; both_bad: both false), for kto."
         ),
     ),
+    lengths_balanced: bool = typer.Option(
+        False,
+        "--balance-lengths",
+        help="Leave out votes so that as many winners are the longer answer as the shorter one (length de-biasing).",
+    ),
 ):
     """Write the votes as training data: TRL preference pairs (the default) or unpaired, labelled answers."""
     from loraflow.arena.export import export_votes_of
     from loraflow.arena.votes import VoteStore
 
     store = VoteStore(votes, rate_limit=None, create=False)
-    report = export_votes_of(store, name, out, after_seq=after, data_format=data_format)
+    report = export_votes_of(store, name, out, after, data_format, lengths_balanced)
     summary = {
         "pairs": report.pairs,
         "ties": report.ties,
@@ -330,6 +335,7 @@ def judge(
         f"{result.prompts} held-out prompts, answers opening with Arr: "
         f"{model_a} {result.pirate_a}, {model_b} {result.pirate_b}"
     )
+    typer.echo(f"words per answer: {model_a} {result.words_a:.1f}, {model_b} {result.words_b:.1f}")
     decisive = result.wins_a + result.wins_b
     typer.echo(
         f"head to head ({result.judge} judge): {model_b} won {result.wins_b} of {decisive} decisive "
@@ -368,6 +374,7 @@ def loop(
     base: str = setting_option(LoopSettings, "base", "--base"),
     trainer: str = setting_option(LoopSettings, "trainer", "--trainer"),
     hygiene: bool = HYGIENE_OPTION,
+    balance_lengths: bool = setting_option(LoopSettings, "balance_lengths", "--balance-lengths"),
     set_values: List[str] = typer.Option(
         [],
         "--set",
@@ -391,6 +398,7 @@ def loop(
         base=base,
         trainer=trainer,
         hygiene=HygieneSettings() if hygiene else None,
+        balance_lengths=balance_lengths,
         training_overrides=parse_settings(set_values),
         poll_s=poll_s,
         backoff_s=backoff_s,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,25 @@ def export_unpaired(votes: Sequence[Vote], out: str | Path) -> ExportReport:
     )
 
 
+def winner_is_longer(vote: Vote) -> bool | None:
+    """Whether a decisive vote's winning answer has more words than the losing one; None for equal lengths."""
+    winner, loser = (vote.answer_a, vote.answer_b) if vote.outcome == "a" else (vote.answer_b, vote.answer_a)
+    difference = len(winner.split()) - len(loser.split())
+    return None if difference == 0 else difference > 0
+
+
+def balance_lengths(votes: Sequence[Vote], seed: int = 0) -> tuple[list[Vote], list[Vote]]:
+    """Length de-biasing: decisive votes whose winner is the longer answer, as many as those whose winner is the
+    shorter one, by leaving out a random sample of the larger group. Voters who favour length then teach no
+    length preference, only what else the winners have. Returns the votes kept (in order) and those left out."""
+    decisive = [v for v in votes if v.outcome in DECISIVE]
+    longer = [v for v in decisive if winner_is_longer(v) is True]
+    shorter = [v for v in decisive if winner_is_longer(v) is False]
+    larger, smaller = (longer, shorter) if len(longer) > len(shorter) else (shorter, longer)
+    dropped = {v.vote_id for v in random.Random(seed).sample(larger, len(larger) - len(smaller))}
+    return [v for v in votes if v.vote_id not in dropped], [v for v in votes if v.vote_id in dropped]
+
+
 def training_records(votes: Sequence[Vote], data_format: str) -> list[dict]:
     """The records `export_training_data` would write for these votes, in memory."""
     check_export_format(data_format)
@@ -213,9 +233,17 @@ def votes_of(store: VoteStore, name: str, after_seq: int = 0) -> list[Vote]:
 
 
 def export_votes_of(
-    store: VoteStore, name: str, out: str | Path, after_seq: int = 0, data_format: str = "preference"
+    store: VoteStore,
+    name: str,
+    out: str | Path,
+    after_seq: int = 0,
+    data_format: str = "preference",
+    lengths_balanced: bool = False,
 ) -> ExportReport:
-    """The votes on any version of `name` as `data_format` data; a name nobody voted on, or an unknown format, is
-    refused before writing."""
+    """The votes on any version of `name` as `data_format` data, length-balanced if asked (see balance_lengths); a
+    name nobody voted on, or an unknown format, is refused before writing."""
     check_export_format(data_format)
-    return export_training_data(votes_of(store, name, after_seq), out, data_format)
+    votes = votes_of(store, name, after_seq)
+    if lengths_balanced:
+        votes, _ = balance_lengths(votes)
+    return export_training_data(votes, out, data_format)

@@ -176,6 +176,8 @@ class Comparison:
     wins_a: int
     wins_b: int
     judge: str = DEFAULT_JUDGE
+    words_a: float = 0.0  # mean words per answer, which a length-biased voter would reward
+    words_b: float = 0.0
 
     @property
     def win_rate_b(self) -> float:
@@ -210,6 +212,8 @@ def compare(
         wins_a=verdicts.count("a"),
         wins_b=verdicts.count("b"),
         judge=judge.name,
+        words_a=sum(len(answer.split()) for answer in answers_a) / max(len(prompts), 1),
+        words_b=sum(len(answer.split()) for answer in answers_b) / max(len(prompts), 1),
     )
 
 

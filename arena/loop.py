@@ -22,7 +22,7 @@ from typing import Sequence
 
 from filelock import FileLock, Timeout
 
-from loraflow.arena.export import EXPORT_FORMATS, export_training_data
+from loraflow.arena.export import EXPORT_FORMATS, balance_lengths, export_training_data
 from loraflow.arena.gate import PROMOTE, ROLLBACK, UNDECIDED, Verdict, judge_candidate, watch_live
 from loraflow.arena.hygiene import Excluded, screen
 from loraflow.arena.screening import SetAside, screen_votes
@@ -38,6 +38,7 @@ __all__ = ["FeedbackLoop", "LoopEvent", "LoopSettings", "learned_up_to", "traine
 ACTOR = "loop"
 TRAIN_FAILED = "train-failed"
 IDLE_ACTIONS = ("wait", "busy", "backoff", TRAIN_FAILED)
+LENGTH_BALANCE = "left out to balance answer lengths (--balance-lengths)"
 
 
 @dataclass
@@ -125,6 +126,9 @@ class FeedbackLoop:
         self.kind = "decisive votes" if self.data_format == "preference" else "votes"
         self.lock = FileLock(str(registry.path) + f".loop-{settings.name}.lock")
         self._tokenizer = None
+        self._screened_votes: list[Vote] = []
+        self._screened_seq = 0
+        self._excluded: dict[str, Excluded] | None = None
 
     def backoff_after(self, failures: int) -> float:
         if failures == 0:
@@ -170,6 +174,9 @@ class FeedbackLoop:
         usable = [v for v in votes if v.vote_id not in excluded]
         trainable, set_aside = screen_votes(usable, self.tokenizer(), self.config.max_length, self.data_format)
         set_aside = [SetAside(e.vote_id, e.seq, e.reason) for v in votes if (e := excluded.get(v.vote_id))] + set_aside
+        if self.settings.balance_lengths:
+            trainable, unbalanced = balance_lengths(trainable, seed=live.version)
+            set_aside += [SetAside(v.vote_id, v.seq, LENGTH_BALANCE) for v in unbalanced]
         if len(trainable) < needed:
             detail = f"{live.ref} has {len(trainable)}/{needed} new {self.kind} to train on; "
             detail += f"{len(set_aside)} set aside."
@@ -196,11 +203,18 @@ class FeedbackLoop:
         return HeadToHead.of(votes, first, second)
 
     def _excluded_by_hygiene(self) -> dict[str, Excluded]:
-        """The votes vote hygiene leaves out, by id; it reads every vote, since its rules read whole sessions."""
+        """The votes vote hygiene leaves out, by id. Its rules read whole sessions, so it screens every vote, but
+        only again when new votes arrived: a loop that polls an unchanged store reads only that nothing is new."""
         if self.settings.hygiene is None:
             return {}
-        names = (self.base.served_name, self.base.hub_id)
-        return {e.vote_id: e for e in screen(self.store.votes(), self.settings.hygiene, names).excluded}
+        new = self.store.votes(after_seq=self._screened_seq)
+        if new or self._excluded is None:
+            self._screened_votes += new
+            self._screened_seq = max([self._screened_seq, *(v.seq for v in new)])
+            names = (self.base.served_name, self.base.hub_id)
+            screened = screen(self._screened_votes, self.settings.hygiene, names)
+            self._excluded = {e.vote_id: e for e in screened.excluded}
+        return self._excluded
 
     def _training_failed(self, live: AdapterVersion, error: Exception, set_aside: int) -> LoopEvent:
         reason = one_line(error)
@@ -218,10 +232,10 @@ class FeedbackLoop:
             self.registry.promote(new.ref, actor=ACTOR, reason=reason)
             return LoopEvent("promoted", f"{new.ref} (trained before this run) is now live.", new.ref)
         verdict = judge_candidate(self._head_to_head(new.ref, live.ref), gate)
-        self.registry.record_metrics(new.ref, gate_metrics(verdict))
-        if verdict.action == UNDECIDED:
+        if verdict.action == UNDECIDED:  # a waiting step writes nothing
             detail = f"{new.ref} vs {live.ref}: {verdict.reason}; the gate waits for more votes."
             return LoopEvent("wait", detail, new.ref)
+        self.registry.record_metrics(new.ref, gate_metrics(verdict))
         if verdict.action == PROMOTE:
             self.registry.promote(new.ref, actor=ACTOR, reason=verdict.reason)
             return LoopEvent("promoted", f"{new.ref}: {verdict.reason}; now live.", new.ref)

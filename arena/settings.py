@@ -143,6 +143,13 @@ class LoopSettings:
         default_factory=HygieneSettings,
         metadata={"help": "Leave out the votes vote hygiene excludes; None trains on every vote."},
     )
+    balance_lengths: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave out votes so that as many winners are the longer answer as the shorter one: the next "
+            "version then learns no length preference from voters who favour long (or short) answers."
+        },
+    )
     trainer: str = field(
         default="dpo",
         metadata={

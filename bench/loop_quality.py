@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument(
         "--settings", nargs="*", default=[""], help='Trainer settings per run, "KEY=VALUE ..."; "" is the loop\'s.'
     )
+    parser.add_argument(
+        "--balance-lengths", action="store_true", help="Also train each setting on length-balanced votes, side by side."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -93,11 +96,15 @@ def main() -> None:
                 voting_s = time.perf_counter() - started
                 own = sum(v.same_contestant for v in store.votes())
                 print(f"{task} share {share}: {report.outcomes}, {own} on-policy, {voting_s:.0f} s", flush=True)
-                for number, setting in enumerate(args.settings):
+                runs = [(setting, False) for setting in args.settings]
+                runs += [(setting, True) for setting in args.settings] if args.balance_lengths else []
+                for number, (setting, balanced) in enumerate(runs):
                     # Each setting trains its own copy of v1 (a new name) on the same votes, renamed to that copy.
                     name = f"{task}-{str(share).replace('.', '')}-{number}"
                     copies = votes_for_copy(registry, v1, name, store, folder / f"votes-{name}.db")
-                    loop_settings = LoopSettings(name, votes_needed=1, gate=None, training_overrides=parsed(setting))
+                    loop_settings = LoopSettings(
+                        name, votes_needed=1, gate=None, balance_lengths=balanced, training_overrides=parsed(setting)
+                    )
                     started = time.perf_counter()
                     event = FeedbackLoop(loop_settings, registry, copies).step()
                     training_s = time.perf_counter() - started
@@ -105,19 +112,20 @@ def main() -> None:
                         raise SystemExit(f"{task}: the loop did not train: {event.action}: {event.detail}")
                     result = compare(arena.client, v1.ref, event.version, prompts_from(REPO / held_out), judge=judge)
                     decisive = result.wins_a + result.wins_b
-                    label = setting or "loop defaults"
-                    rows.append((task, share, label, result.wins_b, decisive, training_s))
+                    label = (setting or "loop defaults") + (", lengths balanced" if balanced else "")
+                    rows.append((task, share, label, result.wins_b, decisive, result.words_b, training_s))
                     print(
                         f"result: {task} share {share} [{label}]: {event.version} beat {v1.ref} in {result.wins_b} of "
-                        f"{decisive} decisive held-out comparisons ({result.win_rate_b:.0%}); "
+                        f"{decisive} decisive held-out comparisons ({result.win_rate_b:.0%}); words per answer "
+                        f"{result.words_a:.1f} -> {result.words_b:.1f}; "
                         f"trained in {training_s:.0f} s",
                         flush=True,
                     )
-    print("\n| task | on-policy share | training | v2 wins / decisive | win rate | training s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for task, share, label, wins, decisive, seconds in rows:
+    print("\n| task | on-policy share | training | v2 wins / decisive | win rate | v2 words per answer | training s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for task, share, label, wins, decisive, words, seconds in rows:
         rate = f"{wins / decisive:.0%}" if decisive else "n/a"
-        print(f"| {task} | {share} | {label} | {wins} / {decisive} | {rate} | {seconds:.0f} |")
+        print(f"| {task} | {share} | {label} | {wins} / {decisive} | {rate} | {words:.1f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

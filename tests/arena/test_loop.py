@@ -106,8 +106,10 @@ def test_gate_promotes_a_winner_and_rejects_a_loser_which_leaves_the_arena(setup
     assert states(registry) == {1: "live", 2: "candidate"}
     for number, (winner, loser) in enumerate([("pirate@2", "pirate@1")] * 3 + [("pirate@1", "pirate@2")]):
         pirate_vote(store, winner, loser, number, "ab"[number % 2])
+    written = registry.path.read_bytes()
     undecided = loop.step()  # 3 of 4: the interval still reaches below 0.5
     assert undecided.action == "wait" and "from 4 head-to-head votes" in undecided.detail, undecided.detail
+    assert registry.path.read_bytes() == written  # a waiting step writes nothing
     for number in range(6):
         pirate_vote(store, "pirate@2", "pirate@1", 10 + number, "ab"[number % 2])
     promoted = loop.step()  # 9 of 10

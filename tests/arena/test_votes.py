@@ -418,3 +418,21 @@ def test_exporting_a_name_without_votes_is_refused_naming_those_with_votes(store
     assert result.returncode == 2, result.stderr
     assert "'nosuch'" in result.stderr and "pirate, poet" in result.stderr
     assert not out.exists()
+
+
+def test_length_balancing_leaves_as_many_longer_winners_as_shorter_ones():
+    from loraflow.arena.export import balance_lengths, winner_is_longer
+
+    def judged(number: int, outcome: str, a: str, b: str) -> Vote:
+        return Vote(f"v{number}", "s", "p", a, b, "x@1", "x@2", outcome, seq=number)
+
+    long, short = "a long and wordy answer", "short"
+    votes = [judged(i, "a", long, short) for i in range(6)]  # the longer answer wins six times
+    votes += [judged(10, "b", long, short), judged(11, "a", short, long)]  # the shorter one twice
+    votes += [judged(20, "a", "same length", "equal words"), judged(21, "tie", long, short)]
+    kept, dropped = balance_lengths(votes, seed=1)
+    assert len(dropped) == 4 and all(winner_is_longer(v) for v in dropped)
+    assert sum(winner_is_longer(v) is True for v in kept if v.outcome != "tie") == 2
+    assert {"v10", "v11", "v20", "v21"} <= {v.vote_id for v in kept}
+    assert [v.seq for v in kept] == sorted(v.seq for v in kept)
+    assert balance_lengths(votes, seed=1) == (kept, dropped)  # the same seed leaves out the same votes
