@@ -306,3 +306,17 @@ def test_votes_vote_hygiene_excludes_are_set_aside_with_their_reason(setup):
     side_file = next((cache_dir() / "loop").glob("*.set_aside.jsonl"))
     aside = [json.loads(line) for line in side_file.read_text().splitlines()]
     assert [a["seq"] for a in aside] == [2, 3] and all(a["reason"].startswith("rapid-fire") for a in aside)
+
+
+def test_balance_lengths_sets_aside_the_surplus_of_longer_winners(setup):
+    from loraflow.arena.loop import LENGTH_BALANCE
+
+    _, registry, store = setup
+    for number in range(3):  # the pirate answer wins, and it is the longer one
+        pirate_vote(store, "pirate@1", "base", number)
+    pirate_vote(store, "pirate@1", "base", 9, good="Arr, 18!")  # here the winner is the shorter answer
+    event = loop_for(setup, votes_needed=2, balance_lengths=True).step()
+    assert event.action == "promoted" and event.set_aside == 2, event.detail
+    assert registry.live("pirate").provenance["votes"]["pairs"] == 2
+    side_file = next((cache_dir() / "loop").glob("*.set_aside.jsonl"))
+    assert [json.loads(line)["reason"] for line in side_file.read_text().splitlines()] == [LENGTH_BALANCE] * 2
