@@ -25,7 +25,8 @@ from loraflow.hub.base import DEFAULT_BASE, BaseModel, resolve_base
 from loraflow.hub.devices import cpu_fast_bf16, on_gpu
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.registry import Registry, is_registry_url, registry_location
-from loraflow.serve.naming import open_registry_view
+from loraflow.serve.naming import open_registry_view, resolver_cache_size
+from loraflow.serve.remote_registry import ADAPTER_CACHE_ENV, adapter_cache_gb
 
 # The ranks vLLM 0.32 accepts for --max-lora-rank (vllm/config/lora.py MaxLoRARanks).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -92,6 +93,7 @@ class ServerSettings:
     max_lora_rank: int | None = None  # None: the registry's largest rank, rounded up to one vLLM accepts
     max_loras: int = 8
     max_cpu_loras: int | None = None  # None: 2 x max_loras, so swapped-out versions stay warm (LRU)
+    resolver_cache: int | None = None  # versions kept resolved; None: LORAFLOW_RESOLVER_CACHE or 1024
     max_model_len: int | None = None
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.3
@@ -109,6 +111,10 @@ class ServerSettings:
 
     def resolved_max_cpu_loras(self) -> int:
         return self.max_cpu_loras or 2 * self.max_loras
+
+    def resolved_resolver_cache(self) -> int:
+        """Never below --max-cpu-loras: the table forgets a version about when the engine's LRU does, not before."""
+        return max(self.resolver_cache or resolver_cache_size(), self.resolved_max_cpu_loras())
 
     def resolved_lora_rank(self) -> int:
         return self.max_lora_rank or lora_rank_for(open_registry_view(self.registry, poll_s=0).snapshot().max_rank())
@@ -157,6 +163,9 @@ class ServerSettings:
             "LORAFLOW_REGISTRY": self.registry,
             "LORAFLOW_BASE_FINGERPRINT": self.base.fingerprint,
             "LORAFLOW_MAX_LORA_RANK": str(self.resolved_lora_rank()),
+            "LORAFLOW_RESOLVER_CACHE": str(self.resolved_resolver_cache()),
+            # Read here too, so a bad value fails `loraflow serve` at once rather than inside vLLM's plugin.
+            ADAPTER_CACHE_ENV: str(adapter_cache_gb()),
             # vLLM consults LoRA resolvers only when runtime LoRA updating is allowed.
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib)),

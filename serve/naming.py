@@ -8,12 +8,17 @@ request costs one stat()), or `loraflow.serve.remote_registry.RemoteRegistry` fo
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Protocol
 
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.registry import SERVABLE_KINDS, AdapterVersion, Registry, RegistrySnapshot, is_registry_url
+
+RESOLVER_CACHE_ENV = "LORAFLOW_RESOLVER_CACHE"
+# A LoRARequest is a few hundred bytes, so 1024 cost under a megabyte and exceed any practical --max-cpu-loras.
+DEFAULT_RESOLVER_CACHE = 1024
 
 
 class RegistryView(Protocol):
@@ -84,3 +89,26 @@ def check_servable(
         raise LoraflowError(f"{real_folder}: holds pickle files {pickles}; loraflow loads safetensors only.")
     verify_hashes(Path(real_folder), version.files)
     inspect_adapter(Path(real_folder))
+
+
+def env_limit(name: str, default: float, *, whole: bool = True, minimum: float = 1) -> float:
+    """A size limit from the environment variable `name`, `default` when unset; a bad value names the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum:
+        kind = "a whole number" if whole else "a number"
+        raise LoraflowError(
+            f"{name}={raw!r} is not {kind} of at least {minimum:g}. Set it to one, or unset it for the default "
+            f"({default:g})."
+        )
+    return value
+
+
+def resolver_cache_size() -> int:
+    """How many resolved versions the resolver's table keeps (LORAFLOW_RESOLVER_CACHE, default 1024)."""
+    return int(env_limit(RESOLVER_CACHE_ENV, DEFAULT_RESOLVER_CACHE))

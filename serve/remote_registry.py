@@ -8,7 +8,10 @@ registry over HTTP instead of a shared file:
 - an adapter version is downloaded through the Hub routes (huggingface_hub's snapshot_download, once per
   version, into the loraflow cache) when a request first needs it; the resolver then checks it like a local
   one (inside the cache, safetensors only, sha256 against the mirrored registry, base fingerprint);
-- if the hub becomes unreachable, the replica keeps serving what it last mirrored and logs the failure.
+- if the hub becomes unreachable, the replica keeps serving what it last mirrored and logs the failure;
+- the download cache is bounded (LORAFLOW_ADAPTER_CACHE_GB, default 5): after each fetch the least recently used
+  versions are deleted until the rest fit, sparing any version the server still holds (`in_use`) and any folder
+  used or written in the last IN_USE_GRACE_S (600) seconds (a download under way, or another replica's use).
 Read tokens come from huggingface_hub's usual settings (HF_TOKEN), as for any Hub client.
 """
 
@@ -16,27 +19,46 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import httpx
 
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.registry import AdapterVersion, RegistrySnapshot
+from loraflow.serve.naming import env_limit
 
 logger = logging.getLogger("loraflow.remote_registry")
 METADATA_ROUTE = "/api/loraflow/registry"
+ADAPTER_CACHE_ENV = "LORAFLOW_ADAPTER_CACHE_GB"
+# 60 to 150 rank-16 adapters of a 7B-class base (35-80 MB each), beside the base itself on a replica's disk.
+DEFAULT_ADAPTER_CACHE_GB = 5.0
+# Longer than an adapter's download: a folder written or used more recently may be a download under way elsewhere.
+IN_USE_GRACE_S = 600.0
+
+
+def adapter_cache_gb() -> float:
+    """The download cache's size limit (LORAFLOW_ADAPTER_CACHE_GB, default 5; 0 keeps only what is in use)."""
+    return env_limit(ADAPTER_CACHE_ENV, DEFAULT_ADAPTER_CACHE_GB, whole=False, minimum=0)
 
 
 class RemoteRegistry:
     """A registry view (`snapshot()`, `folder()`) answered from a mirrored copy of a remote registry."""
 
-    def __init__(self, url: str, poll_s: float | None = None, cache_dir: Path | None = None):
+    def __init__(
+        self, url: str, poll_s: float | None = None, cache_dir: Path | None = None, cache_bytes: int | None = None
+    ):
         from loraflow.hub.base import cache_dir as loraflow_cache
 
         self.url = url.rstrip("/")
         self.poll_s = poll_s if poll_s is not None else float(os.environ.get("LORAFLOW_REGISTRY_POLL_S", "0.5"))
         self.cache = Path(cache_dir or loraflow_cache() / "hub")
+        self.cache_bytes = cache_bytes if cache_bytes is not None else int(adapter_cache_gb() * 1e9)
+        self.in_use: Callable[[], Iterable[str]] = frozenset  # folders the server still holds; the resolver sets it
+        self._prune_lock = threading.Lock()
         self._snapshot: RegistrySnapshot | None = None
         self._etag: str | None = None
         self._poller: threading.Thread | None = None
@@ -104,6 +126,74 @@ class RemoteRegistry:
                 self.reachable = False
 
     def folder(self, version: AdapterVersion) -> Path:
+        """The version's local copy, downloaded if missing; marks it used now and prunes the cache to its limit."""
         from loraflow.hub.hf import pull_to_cache
 
-        return pull_to_cache(self.url, version.name, f"v{version.version}", cache_dir=self.cache)
+        folder = pull_to_cache(self.url, version.name, f"v{version.version}", cache_dir=self.cache)
+        os.utime(folder)  # the folder's mtime is its last use, which pruning orders by
+        with self._prune_lock:
+            prune_cache(self.cache, self.cache_bytes, {os.path.realpath(folder), *self.in_use()})
+        return folder
+
+
+def _cached_versions(cache: Path) -> list[tuple[float, int, Path]]:
+    """(last use, bytes, folder) for every version folder in a huggingface_hub cache (models--*/snapshots/*)."""
+    versions = []
+    for snapshot in cache.glob("models--*/snapshots/*"):
+        try:
+            last_use = snapshot.stat().st_mtime
+            size = sum(path.stat().st_size for path in snapshot.rglob("*") if path.is_file())
+        except FileNotFoundError:
+            continue  # pruned meanwhile by another replica sharing the cache
+        versions.append((last_use, size, snapshot))
+    return sorted(versions, key=lambda entry: entry[0])
+
+
+def prune_cache(cache: Path, max_bytes: int, keep: Iterable[str] = ()) -> list[Path]:
+    """Delete the least recently used version folders until the cache fits max_bytes; return the deleted folders.
+
+    Never deletes a folder in `keep` (real paths) or one used or written in the last IN_USE_GRACE_S seconds, so the
+    cache may stay above its limit while everything in it is in use.
+    """
+    keep = {os.path.realpath(path) for path in keep}
+    versions = _cached_versions(cache)
+    total = sum(size for _, size, _ in versions)
+    recent = time.time() - IN_USE_GRACE_S
+    deleted = []
+    for last_use, size, snapshot in versions:
+        if total <= max_bytes:
+            break
+        if last_use > recent or os.path.realpath(snapshot) in keep:
+            continue
+        _delete_version(snapshot)
+        total -= size
+        deleted.append(snapshot)
+    if deleted:
+        logger.info("adapter cache %s: deleted %d least recently used versions", cache, len(deleted))
+    return deleted
+
+
+def _delete_version(snapshot: Path) -> None:
+    """Delete one version folder, the blobs no other version of its repo links to, and refs naming it."""
+    repo = snapshot.parent.parent
+    shutil.rmtree(snapshot, ignore_errors=True)
+    linked = {os.path.realpath(path) for path in repo.glob("snapshots/*/**/*")}
+    recent = time.time() - IN_USE_GRACE_S
+    for blob in repo.glob("blobs/*"):
+        try:
+            # A young blob may be a download another process is about to link into its version folder.
+            if blob.suffix != ".incomplete" and os.path.realpath(blob) not in linked and blob.stat().st_mtime < recent:
+                blob.unlink()
+        except FileNotFoundError:
+            pass
+    for ref in repo.glob("refs/**/*"):
+        try:
+            if ref.is_file() and ref.read_text().strip() == snapshot.name:
+                ref.unlink()
+        except FileNotFoundError:
+            pass
+    for folder in (repo / "snapshots", repo / "blobs", repo / "refs", repo):
+        try:
+            folder.rmdir()  # only when empty: another process may be downloading into this repo
+        except OSError:
+            pass

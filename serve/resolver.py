@@ -15,6 +15,8 @@ NAME@V) against the registry snapshot, re-read only when the file changed. So:
 - a request keeps the LoRARequest object it was given, so in-flight requests finish on their version;
 - a new version gets a new LoRARequest id and is loaded once by vLLM's own `resolve_lora`; the engine's
   LRU cache (`--max-cpu-loras`) evicts versions no longer asked for;
+- the table itself is an LRU of LORAFLOW_RESOLVER_CACHE versions (default 1024; the launcher keeps it at least
+  --max-cpu-loras): a forgotten version is resolved again by its next request, under a new id from vLLM's counter;
 - `RegistryLoRAResolver` is the only place that turns a registry record into a LoRARequest, after the
   path guard, the safetensors-only check, the sha256 check and the base-fingerprint check.
 On the CPU it also installs `loraflow.serve.punica_cpu`, a faster multi-LoRA path (LORAFLOW_FAST_CPU_LORA=0: off).
@@ -29,6 +31,8 @@ import asyncio
 import contextvars
 import functools
 import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the route's annotations from here
@@ -36,10 +40,39 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from loraflow.hub.errors import LoraflowError
-from loraflow.serve.naming import RegistryView, check_servable, open_registry_view, servable, unknown_model_message
+from loraflow.serve.naming import (
+    DEFAULT_RESOLVER_CACHE,
+    RegistryView,
+    check_servable,
+    open_registry_view,
+    resolver_cache_size,
+    servable,
+    unknown_model_message,
+)
+from loraflow.serve.remote_registry import RemoteRegistry
 
 RESOLVER_NAME = "loraflow registry"
-_request_pins: contextvars.ContextVar[dict | None] = contextvars.ContextVar("loraflow_request_pins", default=None)
+
+
+@dataclass
+class RequestPins:
+    """What one request decided: the NAME@V each spelling means, and the LoRARequest each NAME@V answered with."""
+
+    refs: dict[str, str] = field(default_factory=dict)
+    requests: dict[str, LoRARequest] = field(default_factory=dict)
+
+
+_request_pins: contextvars.ContextVar[RequestPins | None] = contextvars.ContextVar(
+    "loraflow_request_pins", default=None
+)
+
+
+def request_pins() -> RequestPins:
+    pins = _request_pins.get()
+    if pins is None:
+        pins = RequestPins()
+        _request_pins.set(pins)  # every request runs in its own asyncio task, with its own copy of this variable
+    return pins
 
 
 @functools.cache
@@ -80,40 +113,85 @@ def pin(view: RegistryView, model):
     a request (model check, resolver, adapter lookup) and a publish between two lookups must not split them."""
     if not isinstance(model, str):
         return model
-    pins = _request_pins.get()
-    if pins is None:
-        pins = {}
-        _request_pins.set(pins)  # every request runs in its own asyncio task, with its own copy of this variable
-    if model not in pins:
+    refs = request_pins().refs
+    if model not in refs:
         version = servable(view.snapshot(), model)
-        pins[model] = version.ref if version else model
-    return pins[model]
+        refs[model] = version.ref if version else model
+    return refs[model]
 
 
-class PinnedLoraTable(dict):
-    """vLLM's `lora_requests`, keyed by NAME@V, answering to every spelling of a registry version."""
+class PinnedLoraTable(OrderedDict):
+    """vLLM's `lora_requests`, keyed by NAME@V, answering to every spelling of a registry version.
 
-    def __init__(self, view: RegistryView, existing: dict):
-        super().__init__(existing)
+    An LRU of at most `limit` registry versions. Evicting one is safe: vLLM numbers LoRARequests from a counter that
+    never goes back (`lora_id_counter`), so a version resolved again gets a fresh id and no id ever names two
+    versions; a request that already looked a version up keeps that LoRARequest until it ends; entries the registry
+    cannot resolve again (vLLM's --lora-modules, its load API) are never evicted.
+    """
+
+    def __init__(self, view: RegistryView, existing: dict, limit: int = DEFAULT_RESOLVER_CACHE):
+        super().__init__()
         self.view = view
+        self.limit = limit
+        self.store = os.path.realpath(view.store)
+        for request in existing.values():
+            super().__setitem__(request.lora_name, request)
+        self._update_folders()  # every held version's folder, which the download cache must not delete
+
+    def _lookup(self, model):
+        """The request's LoRARequest for `model`, or None; a hit counts as a use."""
+        key = pin(self.view, model)
+        held = request_pins().requests
+        if key in held:
+            return held[key]
+        request = super().get(key)
+        if request is None:
+            return None
+        if request.lora_path.startswith(self.store + os.sep) and not os.path.isdir(request.lora_path):
+            self._forget(key)  # its folder was deleted (another replica pruned a shared cache): resolve it again
+            return None
+        self.move_to_end(key)
+        held[key] = request
+        return request
 
     def __contains__(self, model) -> bool:
-        return super().__contains__(pin(self.view, model))
+        return self._lookup(model) is not None
 
     def __getitem__(self, model):
-        return super().__getitem__(pin(self.view, model))
+        request = self._lookup(model)
+        if request is None:
+            raise KeyError(model)
+        return request
 
     def get(self, model, default=None):
-        return super().get(pin(self.view, model), default)
+        request = self._lookup(model)
+        return default if request is None else request
 
     def __setitem__(self, model, request) -> None:
-        super().__setitem__(request.lora_name, request)  # NAME@V for registry adapters, whatever the spelling asked
+        key = request.lora_name  # NAME@V for registry adapters, whatever the spelling asked
+        super().__setitem__(key, request)
+        self.move_to_end(key)
+        request_pins().requests[key] = request
+        if len(self) > self.limit:
+            # Safe to forget: vLLM's lora_id_counter never goes back, so a version resolved again gets a new, unused id.
+            snapshot = self.view.snapshot()
+            evictable = [other for other in self.keys() if other != key and servable(snapshot, other)]
+            for other in evictable[: len(self) - self.limit]:
+                super().__delitem__(other)
+        self._update_folders()
 
     def __delitem__(self, model) -> None:
-        super().__delitem__(pin(self.view, model))
+        self._forget(pin(self.view, model))
+
+    def _forget(self, key: str) -> None:
+        super().__delitem__(key)
+        self._update_folders()
+
+    def _update_folders(self) -> None:
+        self.folders = frozenset(os.path.realpath(request.lora_path) for request in self.values())
 
 
-def _install_serving_wraps(view: RegistryView, resolver: RegistryLoRAResolver) -> None:
+def _install_serving_wraps(view: RegistryView, resolver: RegistryLoRAResolver, table_limit: int) -> None:
     """Make the OpenAI serving layer use the pinned table, list registry names and explain 404s."""
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelPermission
@@ -129,7 +207,10 @@ def _install_serving_wraps(view: RegistryView, resolver: RegistryLoRAResolver) -
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.lora_requests = PinnedLoraTable(view, self.lora_requests)
+        table = PinnedLoraTable(view, self.lora_requests, table_limit)
+        self.lora_requests = table
+        if isinstance(view, RemoteRegistry):
+            view.in_use = lambda: table.folders  # the download cache never deletes a version the table still holds
 
     @functools.wraps(original_models)
     async def show_available_models(self):
@@ -216,4 +297,4 @@ def register() -> None:
         view, os.environ.get("LORAFLOW_BASE_FINGERPRINT"), int(max_rank) if max_rank else None
     )
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
-    _install_serving_wraps(view, resolver)
+    _install_serving_wraps(view, resolver, resolver_cache_size())

@@ -66,6 +66,8 @@ def arena_ui(registry, tmp_path, smollm2):
                 str(port),
                 "--max-tokens",
                 "16",
+                "--on-policy-share",  # every round shows two different contestants, whose names the test reads
+                "0",
             ],
             cwd=REPO,
             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
