@@ -108,8 +108,9 @@ def main() -> None:
                     started = time.perf_counter()
                     event = FeedbackLoop(loop_settings, registry, copies).step()
                     training_s = time.perf_counter() - started
-                    if event.action != "promoted":
-                        raise SystemExit(f"{task}: the loop did not train: {event.action}: {event.detail}")
+                    if event.action != "promoted":  # e.g. balancing lengths left no vote of a pure length preference
+                        print(f"result: {task} share {share} [{balanced=}]: no training: {event.detail}")
+                        continue
                     result = compare(arena.client, v1.ref, event.version, prompts_from(REPO / held_out), judge=judge)
                     decisive = result.wins_a + result.wins_b
                     label = (setting or "loop defaults") + (", lengths balanced" if balanced else "")
