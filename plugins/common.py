@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraflow.hub.devices import on_gpu
-from loraflow.hub.training import TRACKING_PROJECT, TrainingConfig, TrainJob
+from loraflow.hub.training import TRACKING_PROJECT, TrainingConfig, TrainJob, TrainResult
 
 if TYPE_CHECKING:  # torch loads inside the functions that use it
     import torch
@@ -219,3 +219,25 @@ def final_metrics(trainer, job: TrainJob) -> dict[str, float]:
         logged = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
         metrics["eval_loss"] = logged[-1] if logged else trainer.evaluate()["eval_loss"]
     return {key: value for key, value in metrics.items() if value is not None}
+
+
+def policy_model(job: TrainJob):
+    """The model to train and the peft_config to give TRL: with a parent, its adapter loaded trainable and no
+    peft_config, so TRL freezes a copy of it as the reference; otherwise the base and a new LoRA."""
+    model = load_causal_lm(job)
+    if job.parent_dir:
+        return load_parent_adapter(job, model), None
+    return model, lora_config(job.config)
+
+
+def train_and_evaluate(trainer, job: TrainJob, eval_metrics, logged_key: str) -> TrainResult:
+    """Train, recording `eval_metrics` of the eval split before (`before_eval_*`) and after; `logged_key` finds the
+    last evaluation TRL logged, so the final one is not computed twice."""
+    has_eval = trainer.eval_dataset is not None
+    before = eval_metrics(trainer.evaluate(), prefix="before_eval_") if has_eval else {}
+    trainer.train()
+    metrics = final_metrics(trainer, job)
+    if has_eval:
+        logged = [entry for entry in trainer.state.log_history if logged_key in entry]
+        metrics |= before | eval_metrics(logged[-1] if len(logged) > 1 else trainer.evaluate())
+    return TrainResult(save_adapter(trainer.model, job), metrics, log_history=trainer.state.log_history)

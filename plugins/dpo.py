@@ -13,14 +13,11 @@ from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
-    final_metrics,
-    load_causal_lm,
-    load_parent_adapter,
     load_tokenizer,
-    lora_config,
+    policy_model,
     preference_to_conversation,
     quiet,
-    save_adapter,
+    train_and_evaluate,
     trainer_arguments,
 )
 
@@ -84,12 +81,7 @@ class DpoTrainer:
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
-        model = load_causal_lm(job)
-        if job.parent_dir:
-            # No peft_config and no ref_model: TRL freezes a copy of this adapter as the reference.
-            model, peft_config = load_parent_adapter(job, model), None
-        else:
-            peft_config = lora_config(job.config)
+        model, peft_config = policy_model(job)
         eval_dataset = Dataset.from_list(preference_to_conversation(job.eval_records)) if job.eval_records else None
         trainer = quiet(
             DPOTrainer(
@@ -108,13 +100,7 @@ class DpoTrainer:
                 callbacks=job.callbacks,
             )
         )
-        before = preference_metrics(trainer.evaluate(), prefix="before_eval_") if eval_dataset is not None else {}
-        trainer.train()
-        metrics = final_metrics(trainer, job)
-        if eval_dataset is not None:
-            logged = [entry for entry in trainer.state.log_history if "eval_rewards/accuracies" in entry]
-            metrics |= before | preference_metrics(logged[-1] if len(logged) > 1 else trainer.evaluate())
-        return TrainResult(save_adapter(trainer.model, job), metrics, log_history=trainer.state.log_history)
+        return train_and_evaluate(trainer, job, preference_metrics, "eval_rewards/accuracies")
 
 
 @hookimpl

@@ -19,13 +19,10 @@ from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
-    final_metrics,
-    load_causal_lm,
-    load_parent_adapter,
     load_tokenizer,
-    lora_config,
+    policy_model,
     quiet,
-    save_adapter,
+    train_and_evaluate,
     trainer_arguments,
     unpaired_to_conversation,
 )
@@ -117,12 +114,7 @@ class KtoTrainer:
         train_records = list(job.train_records)
         # TRL reads the data in order and pairs neighbours for the KL estimate: mix prompts and labels across batches.
         random.Random(job.config.seed).shuffle(train_records)
-        model = load_causal_lm(job)
-        if job.parent_dir:
-            # No peft_config and no ref_model: TRL freezes a copy of this adapter as the reference.
-            model, peft_config = load_parent_adapter(job, model), None
-        else:
-            peft_config = lora_config(job.config)
+        model, peft_config = policy_model(job)
         eval_dataset = Dataset.from_list(unpaired_to_conversation(job.eval_records)) if job.eval_records else None
         trainer = quiet(
             KTOTrainer(
@@ -141,13 +133,7 @@ class KtoTrainer:
                 callbacks=job.callbacks,
             )
         )
-        before = unpaired_metrics(trainer.evaluate(), prefix="before_eval_") if eval_dataset is not None else {}
-        trainer.train()
-        metrics = final_metrics(trainer, job)
-        if eval_dataset is not None:
-            logged = [entry for entry in trainer.state.log_history if "eval_kl" in entry]
-            metrics |= before | unpaired_metrics(logged[-1] if len(logged) > 1 else trainer.evaluate())
-        return TrainResult(save_adapter(trainer.model, job), metrics, log_history=trainer.state.log_history)
+        return train_and_evaluate(trainer, job, unpaired_metrics, "eval_kl")
 
 
 @hookimpl
