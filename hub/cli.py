@@ -146,6 +146,31 @@ def registry_publish(
     _print_published(version)
 
 
+@registry_app.command("publish-prompt")
+def registry_publish_prompt(
+    ctx: typer.Context,
+    name: str = typer.Option(..., "--name", help="The prompt's name; the new version is NAME@N."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="The system prompt's text."),
+    from_file: Optional[Path] = typer.Option(
+        None, "--from-file", help="A UTF-8 text file holding the system prompt.", exists=True, dir_okay=False
+    ),
+    base: str = typer.Option(DEFAULT_BASE, "--base", help="The base model the prompt is written for."),
+    parent: Optional[str] = typer.Option(None, "--parent", help="The prompt version it revises, NAME@V."),
+    promote: bool = typer.Option(False, "--promote", help="Make it the live version in the same write."),
+):
+    """Publish a system prompt on the base as a contestant: the server answers NAME with the base following it, so
+    the arena, the leaderboard and `loraflow judge` show whether an adapter beats plain prompt engineering."""
+    from loraflow.hub.base import resolve_base
+
+    if (system_prompt is None) == (from_file is None):
+        raise LoraflowError("give the system prompt with exactly one of --system-prompt TEXT or --from-file FILE.")
+    text = system_prompt if from_file is None else from_file.read_text(encoding="utf-8")
+    version = registry_from(ctx).publish_prompt(
+        text, name, base=resolve_base(base), parent=parent, promote=promote, actor="registry publish-prompt"
+    )
+    _print_published(version)
+
+
 def _print_published(version) -> None:
     console.print(f"[green]published[/] {version.ref} ({version.state})")
     if version.state != "live":
@@ -165,9 +190,10 @@ def registry_list(ctx: typer.Context):
         latest = versions[-1]
         states = ", ".join(f"{v.version} {v.state}" for v in versions)
         aliases = ", ".join(f"{alias}→{v}" for alias, v in sorted(snapshot.aliases(name).items()))
+        canary = snapshot.canary(name)
         table.add_row(
             name,
-            live.ref if live else "-",
+            (live.ref if live else "-") + (f" ({canary.version.ref} canary {canary.percent:g}%)" if canary else ""),
             states,
             aliases,
             latest.kind,
@@ -228,11 +254,26 @@ def promote(
     ctx: typer.Context,
     ref: str = typer.Argument(..., help="NAME@V (or NAME@ALIAS) to make live."),
     reason: str = typer.Option("", "--reason", help="Why, for the history."),
+    canary: Optional[float] = typer.Option(
+        None,
+        "--canary",
+        min=0,
+        max=100,
+        help="Send this percentage of NAME's requests to NAME@V and the rest to the live version, until a promote "
+        "(it passed) or `loraflow rollback NAME` (it failed) ends the canary.",
+    ),
 ):
     """Make NAME@V the live version: every server answers NAME with it from the next request, no restart. With a
     `loraflow serve --replicas` fleet running on this registry, it returns once every replica serves it."""
     registry = registry_from(ctx)
     before = registry.live(ref.partition("@")[0])
+    if canary is not None:
+        version = registry.start_canary(ref, canary, actor="promote", reason=reason)
+        console.print(
+            f"[green]{version.name}[/] → {version.ref} for {canary:g}% of requests (canary), "
+            f"{before.ref} for the rest; `loraflow promote {version.ref}` or `loraflow rollback {version.name}` ends it"
+        )
+        return
     version = registry.promote(ref, actor="promote", reason=reason)
     console.print(
         f"[green]{version.name}[/] → {version.ref} (live)"
@@ -245,10 +286,12 @@ def rollback(
     name: str = typer.Argument(..., help="The adapter name."),
     reason: str = typer.Option("", "--reason", help="Why, for the history."),
 ):
-    """Reject the live version and make the one it replaced live again; servers switch with no restart (and a
-    running `loraflow serve --replicas` fleet before this returns)."""
+    """Reject the live version and make the one it replaced live again (during a canary: reject the canary version
+    and keep the live one); servers switch with no restart (and a running `loraflow serve --replicas` fleet before
+    this returns)."""
     registry = registry_from(ctx)
-    before = registry.live(name)
+    canary = registry.snapshot().canary(name) if registry.snapshot().has(name) else None
+    before = canary.version if canary else registry.live(name)
     version = registry.rollback(name, actor="rollback", reason=reason)
     console.print(f"[green]{name}[/] → {version.ref} (live); {before.ref if before else '?'} rejected")
 

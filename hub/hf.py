@@ -113,6 +113,11 @@ def push_to_hub(
 
     adapter_ref = AdapterRef.parse(ref)
     version = registry.get(adapter_ref)
+    if version.kind == "prompt":
+        raise LoraflowError(
+            f"{version.ref} is a prompt (a system prompt on the base), not an adapter; the Hub takes adapter folders. "
+            f"Its text is in {registry.folder(version)}, and `loraflow registry show {version.ref}` prints it."
+        )
     folder = registry.folder(version)
     verify_hashes(folder, version.files)
     api = HfApi(endpoint=endpoint)

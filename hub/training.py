@@ -289,9 +289,14 @@ def run_training(
     trainer_class = info.trainer_class
     check_name(name)
     config = config or trainer_class.config_class()
+    parent_version = registry.get(parent) if parent else None
+    if parent_version and parent_version.kind == "prompt":
+        raise LoraflowError(
+            f"{parent_version.ref} is a prompt (a system prompt on the base), not an adapter to continue. Train "
+            "without --parent, or from an adapter version; publish the result under a name of its own."
+        )
     loaded = load_data(data, trainer_class.data_format, split=split, subset=subset)
     records = loaded.records
-    parent_version = registry.get(parent) if parent else None
     base = resolve_base(base_spec)
     if parent_version and parent_version.base["fingerprint"] != base.fingerprint:
         raise LoraflowError(

@@ -131,6 +131,7 @@ def serve(
         console.print(f"  base:     {server.base_name}")
         console.print(f"  adapters: {', '.join(names) or 'none yet (published ones are picked up without a restart)'}")
         console.print("  address a version as NAME@V or NAME@ALIAS; GET /v1/models lists them all. Ctrl-C stops.")
+        console.print(f"  metrics:  {server.root_url}/metrics (Prometheus; loraflow_* per version)")
         server.process.wait()
     except KeyboardInterrupt:
         console.print("stopping vLLM ...")  # Ctrl-C or SIGTERM
@@ -164,6 +165,7 @@ def _serve_fleet(console, registry, base, replicas, host, port, ray_address, rea
             console.print(f"  replica {replica['replica']}: vLLM log {replica['vllm_log']}")
         serves = ", ".join(f"{name} → {ref}" for name, ref in status["serves"].items())
         console.print(f"  adapters: {serves or 'none yet (published ones are picked up without a restart)'}")
+        console.print(f"  metrics:  {fleet.root_url}/metrics (Prometheus; loraflow_* per version and replica)")
         console.print(
             "  each answer names its version (x-loraflow-version) and replica (x-loraflow-replica); "
             "`loraflow promote` waits until every replica serves the new version."

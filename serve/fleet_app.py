@@ -10,6 +10,8 @@
 - Every answer names its version (`x-loraflow-version`, and the body's `model` field) and its replica
   (`x-loraflow-replica`). `GET /v1/loraflow/fleet` reports the registry revision the ingress and each replica have
   applied, what each NAME serves, and what each replica holds; `loraflow.serve.fleet_ack` waits on it.
+- `GET /metrics` on the ingress's address: every replica's loraflow_* series (`loraflow.serve.metrics`), each labelled
+  with its replica, the id `x-loraflow-replica` names.
 - A replica whose vLLM dies exits, so Ray replaces it at once; the ingress re-sends a request that failed before any
   of its answer reached the client, and Ray's router, which drops the dead replica, picks another.
 """
@@ -24,15 +26,16 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the routes' annotations from here
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from loraflow.serve.fleet_ack import FLEET_STATUS_ROUTE
-from loraflow.serve.naming import open_registry_view, servable
+from loraflow.serve.metrics import merge_expositions
+from loraflow.serve.naming import VERSION_HEADER, open_registry_view, servable
 
 logger = logging.getLogger("loraflow.fleet")
 REPLICA_HEADER = "x-loraflow-replica"
-VERSION_HEADER = "x-loraflow-version"
 # Headers a client sends that vLLM needs; hop-by-hop and length headers are the proxies' business.
 FORWARDED_HEADERS = ("authorization", "content-type", "accept")
 # A request whose replica died before answering is sent again, at most this many times in all.
@@ -68,7 +71,7 @@ class VLLMReplica:
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.registry = open_registry_view(registry)
-        self.server = start_server(registry, base, **launcher_settings)
+        self.server = start_server(registry, base, replica=self.replica, **launcher_settings)
         self.server.wait_ready(ready_timeout_s)
         self.api_key = self.server.settings.api_key
         self.client = httpx.AsyncClient(base_url=self.server.root_url, timeout=httpx.Timeout(None, connect=10))
@@ -81,15 +84,17 @@ class VLLMReplica:
         self.hold = serve.multiplexed(max_num_models_per_replica=max_held)(hold)
 
     async def _load(self, ref: str) -> "HeldVersion":
-        """Load NAME@V into vLLM with a one-token request, so a replica that holds a version has it loaded. A refused
-        or unknown version is held all the same: the client's own request then gets vLLM's explanation."""
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        try:
-            await self.client.post(
-                "/v1/completions", json={"model": ref, "prompt": " ", "max_tokens": 1}, headers=headers
-            )
-        except httpx.TransportError:
-            self._exit_if_engine_died()
+        """Load an adapter NAME@V into vLLM, so a replica that holds a version has it loaded: /tokenize resolves the
+        model as a generation would (the resolver's checks, then vLLM's add_lora) but generates nothing, so the
+        load is not a request in the metrics. A refused or unknown version is held all the same: the client's own
+        request then gets vLLM's explanation. Other kinds (a prompt version) have nothing to load."""
+        version = self.registry.snapshot().find(ref)
+        if version is None or version.kind == "adapter":  # unknown here: this replica's view may lag the ingress's
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            try:
+                await self.client.post("/tokenize", json={"model": ref, "prompt": " "}, headers=headers)
+            except httpx.TransportError:
+                self._exit_if_engine_died()
         self.held.add(ref)
         return HeldVersion(ref, self.held)
 
@@ -113,6 +118,12 @@ class VLLMReplica:
             raise VLLMUnavailable(f"replica {self.replica}: vLLM stopped mid-answer ({error!r})") from None
         finally:
             await response.aclose()
+
+    async def metrics(self) -> str:
+        """The loraflow_* families of this replica's vLLM /metrics, labelled with this replica's id."""
+        response = await self.client.get("/metrics", timeout=30)
+        response.raise_for_status()
+        return merge_expositions([response.text]).decode()
 
     def status(self) -> dict:
         return {
@@ -189,6 +200,16 @@ class FleetIngress:
     @app.get("/health")
     async def health(self) -> Response:
         return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """Every replica's loraflow_* series in one exposition; a replica that does not answer is left out."""
+        answers = await self.replicas.broadcast("metrics").results_async(timeout_s=30, return_exceptions=True)
+        for answer in answers:
+            if not isinstance(answer, str):
+                logger.warning("a replica's metrics are left out of this scrape: %r", answer)
+        texts = [answer for answer in answers if isinstance(answer, str)]
+        return Response(merge_expositions(texts), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(FLEET_STATUS_ROUTE)
     async def fleet_status(self, request: Request) -> Response:

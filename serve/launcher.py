@@ -4,7 +4,8 @@
 `python -m vllm.entrypoints.openai.api_server` in its own process group, and returns a `VLLMServer`
 whose `wait_ready()` polls `/health` until the engine answers. The registry location reaches the
 server's processes through LORAFLOW_REGISTRY, where the `loraflow.serve.resolver` vLLM plugin reads it: a file,
-or the URL of a `loraflow hub serve` that replicas on other machines share.
+or the URL of a `loraflow hub serve` that replicas on other machines share. The server's /metrics carries
+`loraflow.serve.metrics` per version, labelled with LORAFLOW_REPLICA (HOST:PORT unless a fleet names the replica).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from loraflow.hub.base import DEFAULT_BASE, BaseModel, resolve_base
 from loraflow.hub.devices import cpu_fast_bf16, on_gpu
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.registry import Registry, is_registry_url, registry_location
+from loraflow.serve.metrics import REPLICA_ENV
 from loraflow.serve.naming import open_registry_view, resolver_cache_size
 from loraflow.serve.remote_registry import ADAPTER_CACHE_ENV, adapter_cache_gb
 
@@ -100,6 +102,7 @@ class ServerSettings:
     tensor_parallel_size: int = 1
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    replica: str | None = None  # the `replica` label of its metrics; None: HOST:PORT
 
     def resolved_quantization(self) -> str | None:
         if self.quantization == "none":
@@ -144,6 +147,8 @@ class ServerSettings:
             "--tensor-parallel-size",
             str(self.tensor_parallel_size),
             "--disable-uvicorn-access-log",
+            "--middleware",
+            "loraflow.serve.metrics.MetricsMiddleware",
         ]
         dtype = self.resolved_dtype()
         if dtype:
@@ -164,6 +169,7 @@ class ServerSettings:
             "LORAFLOW_BASE_FINGERPRINT": self.base.fingerprint,
             "LORAFLOW_MAX_LORA_RANK": str(self.resolved_lora_rank()),
             "LORAFLOW_RESOLVER_CACHE": str(self.resolved_resolver_cache()),
+            REPLICA_ENV: self.replica or f"{self.host}:{self.port}",
             # Read here too, so a bad value fails `loraflow serve` at once rather than inside vLLM's plugin.
             ADAPTER_CACHE_ENV: str(adapter_cache_gb()),
             # vLLM consults LoRA resolvers only when runtime LoRA updating is allowed.

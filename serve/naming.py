@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.registry import SERVABLE_KINDS, AdapterVersion, Registry, RegistrySnapshot, is_registry_url
 
 RESOLVER_CACHE_ENV = "LORAFLOW_RESOLVER_CACHE"
+VERSION_HEADER = "x-loraflow-version"  # on every answer: the NAME@V (or the base) that produced it
 # A LoRARequest is a few hundred bytes, so 1024 cost under a megabyte and exceed any practical --max-cpu-loras.
 DEFAULT_RESOLVER_CACHE = 1024
 
@@ -39,9 +41,15 @@ def open_registry_view(location: str, poll_s: float | None = None) -> RegistryVi
     return Registry(location)
 
 
-def servable(snapshot: RegistrySnapshot, model: str) -> AdapterVersion | None:
-    """The version `model` names now, or None when it names no servable registry adapter."""
-    version = snapshot.find(model) if isinstance(model, str) else None
+def servable(
+    snapshot: RegistrySnapshot, model: str, draw: Callable[[], float] = random.random
+) -> AdapterVersion | None:
+    """The version `model` names now, or None when it names no servable registry version. While a canary runs, a
+    bare NAME means the canary version for `percent` of the calls (`draw` is uniform in [0, 1)), the live one else."""
+    if not isinstance(model, str):
+        return None
+    canary = snapshot.canary(model) if "@" not in model else None
+    version = canary.version if canary and draw() * 100 < canary.percent else snapshot.find(model)
     return version if version is not None and version.kind in SERVABLE_KINDS else None
 
 

@@ -3,10 +3,10 @@
 vLLM's CPU punica ops gather every token's full LoRA matrices (`weights[indices]`) and run an einsum
 per q/k/v slice, and compute the slot at index -1 for tokens that use no adapter. This wrapper plans
 the tokens by adapter once per step (the index tensor is reused by every layer), runs two batched
-matmuls per output slice over the adapters in use, skips base-model tokens, and skips slices whose
+matmuls over the adapters in use (one shrink for all output slices, one expand per slice), with the weights
+converted to fp32 once per load rather than once per layer and step, skips base-model tokens, and skips slices whose
 weights are zero in every slot in use (k_proj when adapters target q/v; lm_head, almost always), and whole
-modules before gathering any token when no slice is in use (vLLM wraps every module it supports). The weights of
-consecutive slots are read as a view.
+modules before gathering any token when no slice is in use (vLLM wraps every module it supports).
 """
 
 from __future__ import annotations
@@ -63,6 +63,23 @@ def _matrices(stacked: torch.Tensor, slots: list[int]) -> torch.Tensor:
     return weights.float().transpose(1, 2)
 
 
+@dataclass
+class SliceWeights:
+    """One module's LoRA weights for the slots in use, as bmm wants them: the A matrices of every slice in use side
+    by side (the slices read the same input, so one shrink serves them all), and each such slice's B."""
+
+    shrink: torch.Tensor  # [slots, in, sum of the used slices' ranks], fp32
+    ranks: list[int]
+    expand: list[torch.Tensor]  # per used slice: [slots, rank, out], fp32
+
+
+def slice_weights(lora_a: tuple, lora_b: tuple, used: list[bool], slots: list[int]) -> SliceWeights:
+    shrink = [_matrices(a, slots) for a, in_use in zip(lora_a, used) if in_use]
+    expand = [_matrices(b, slots) for b, in_use in zip(lora_b, used) if in_use]
+    joined = shrink[0] if len(shrink) == 1 else torch.cat(shrink, dim=2)
+    return SliceWeights(joined, [m.shape[2] for m in shrink], expand)
+
+
 def add_grouped_lora(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -72,8 +89,10 @@ def add_grouped_lora(
     output_slices: tuple[int, ...],
     plan: TokenPlan,
     slice_used=lambda b, slots: True,
+    weights_for=slice_weights,
 ) -> None:
-    """y[:, slice] += (x @ A[slot].T * scale) @ B[slot].T per token's adapter, as two batched matmuls per slice."""
+    """y[:, slice] += (x @ A[slot].T * scale) @ B[slot].T per token's adapter: one batched shrink for every slice in
+    use, then one batched expand per slice."""
     if not plan.slots:
         return
     used = [slice_used(b, plan.slots) for b in lora_b]
@@ -83,10 +102,15 @@ def add_grouped_lora(
         tokens = x.float().unsqueeze(0)
     else:
         tokens = x.index_select(0, plan.gather).float().view(len(plan.slots), plan.longest, -1)
-    offset = 0
-    for a, b, size, slice_in_use in zip(lora_a, lora_b, output_slices, used):
+    weights = weights_for(lora_a, lora_b, used, plan.slots)
+    shrunk = torch.bmm(tokens, weights.shrink).mul_(scale)
+    offset = start = 0
+    expand = iter(zip(weights.ranks, weights.expand))
+    for size, slice_in_use in zip(output_slices, used):
         if slice_in_use:
-            delta = torch.bmm(torch.bmm(tokens, _matrices(a, plan.slots)).mul_(scale), _matrices(b, plan.slots))
+            rank, b = next(expand)
+            delta = torch.bmm(shrunk[:, :, start : start + rank], b)
+            start += rank
             width = min(size, delta.shape[-1], y.shape[1] - offset)
             target = y[:, offset : offset + width]
             if plan.single:
@@ -105,6 +129,18 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._plan_keys: dict[str, tuple] = {}
         self._plans: dict[str, TokenPlan] = {}
         self._nonzero: dict[int, tuple[int, list[bool]]] = {}
+        self._weights: dict[int, tuple[tuple, SliceWeights]] = {}
+
+    def _weights_for(self, lora_a: tuple, lora_b: tuple, used: list[bool], slots: list[int]) -> SliceWeights:
+        """`slice_weights`, kept per module until an adapter is loaded into or cleared from its slots (an in-place
+        write, which bumps the tensors' version counters) or the slots in use change: without it every layer would
+        convert and transpose the same weights again at every step."""
+        key = (tuple(slots), tuple(used), tuple(t._version for t in lora_a), tuple(t._version for t in lora_b))
+        cached = self._weights.get(id(lora_a[0]))
+        if cached is None or cached[0] != key:
+            cached = (key, slice_weights(lora_a, lora_b, used, slots))
+            self._weights[id(lora_a[0])] = cached
+        return cached[1]
 
     def _plan(self, name: str, indices: torch.Tensor) -> TokenPlan:
         # The index buffers are rewritten in place once per step; their version counter says when.
@@ -133,6 +169,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             output_slices,
             plan,
             self._slice_used,
+            self._weights_for,
         )
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
@@ -147,6 +184,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             (y2.shape[1],),
             plan,
             self._slice_used,
+            self._weights_for,
         )
 
 

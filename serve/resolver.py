@@ -40,6 +40,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from loraflow.hub.errors import LoraflowError
+from loraflow.serve.metrics import install as install_metrics
 from loraflow.serve.naming import (
     DEFAULT_RESOLVER_CACHE,
     RegistryView,
@@ -49,6 +50,8 @@ from loraflow.serve.naming import (
     servable,
     unknown_model_message,
 )
+from loraflow.serve.prompts import install as install_prompts
+from loraflow.serve.prompts import prompt_refusal
 from loraflow.serve.remote_registry import RemoteRegistry
 
 RESOLVER_NAME = "loraflow registry"
@@ -92,7 +95,7 @@ class RegistryLoRAResolver(LoRAResolver):
 
     async def resolve_lora(self, base_model_name: str, lora_name: str):
         version = servable(self.view.snapshot(), pin(self.view, lora_name))
-        if version is None:
+        if version is None or version.kind != "adapter":  # a prompt version has no LoRA (loraflow.serve.prompts)
             return None
         try:
             # Downloading (from a registry URL) and hashing take time; keep the event loop serving meanwhile.
@@ -232,9 +235,10 @@ def _install_serving_wraps(view: RegistryView, resolver: RegistryLoRAResolver, t
         if not isinstance(error, ErrorResponse) or error.error.code != HTTPStatus.NOT_FOUND.value:
             return error
         model = request.model or ""
-        if model in resolver.refusals:
+        refusal = prompt_refusal(view, model) or resolver.refusals.get(model)
+        if refusal:
             return self.create_error_response(
-                resolver.refusals[model], err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model"
+                refusal, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param="model"
             )
         base_names = [path.name for path in self.models.base_model_paths]
         return self.create_error_response(
@@ -298,3 +302,5 @@ def register() -> None:
     )
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
     _install_serving_wraps(view, resolver, resolver_cache_size())
+    install_prompts(view)
+    install_metrics(view)

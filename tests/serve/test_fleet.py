@@ -154,6 +154,76 @@ def test_requests_for_one_version_stay_on_the_replica_that_holds_it(fleet, clien
     assert first[1] == "pirate@2" and all(complete(client, "pirate")[2] == first[2] for _ in range(4))
 
 
+def scrape(fleet) -> tuple[str, dict[tuple[str, str, str], float]]:
+    """The ingress's /metrics, and its loraflow_* samples as {(sample name, version, replica): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(fleet["url"] + "/metrics", timeout=60).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "le" not in sample.labels:
+                samples[sample.name, sample.labels["version"], sample.labels["replica"]] = sample.value
+    return text, samples
+
+
+def test_metrics_on_the_ingress_carry_each_replicas_series(fleet, client):
+    replicas = {replica["replica"] for replica in status(fleet)["replicas"]}
+    _, before = scrape(fleet)
+    answered, tokens = set(), 0
+    for _ in range(3):
+        raw = client.completions.with_raw_response.create(
+            model="other", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0
+        )
+        answered.add(raw.headers["x-loraflow-replica"])
+        tokens += raw.parse().usage.completion_tokens
+    (replica,) = answered  # other@1 stays on the replica that holds it
+    text, after = scrape(fleet)
+    type_lines = [line for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(type_lines) == len(set(type_lines)), "a family's HELP and TYPE appear once, whatever the replicas"
+    assert {key[2] for key in after} <= replicas and replica in {key[2] for key in after}
+
+    def grew(name: str, on: str) -> float:
+        return after.get((name, "other@1", on), 0) - before.get((name, "other@1", on), 0)
+
+    assert grew("loraflow_requests_total", replica) == 3
+    assert grew("loraflow_generated_tokens_total", replica) == tokens > 0
+    assert grew("loraflow_time_to_first_token_seconds_count", replica) == 3
+    assert grew("loraflow_request_errors_total", replica) == 0
+    assert after[("loraflow_adapter_resident", "other@1", replica)] == 1
+    for other in replicas - {replica}:
+        assert grew("loraflow_requests_total", other) == 0
+
+
+def test_a_canary_splits_the_fleets_requests_and_a_prompt_version_is_served(fleet, client, setup):
+    from concurrent.futures import ThreadPoolExecutor
+
+    registry, base = setup["registry"], setup["base"]
+    for seed in (21, 22):
+        registry.publish(
+            make_adapter(base, setup["base"].path.parent / f"canary{seed}", seed=seed), "canary", base=base
+        )
+    registry.start_canary("canary@2", 10)
+
+    def one(_):
+        raw = client.completions.with_raw_response.create(model="canary", prompt=PROMPT, max_tokens=1)
+        return raw.parse().model, raw.headers.get("x-loraflow-version")
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(2000)))
+    assert all(named == header for named, header in answers), "the header and the model field disagree"
+    share = sum(named == "canary@2" for named, _ in answers) / len(answers)
+    assert abs(share - 0.10) <= 0.03, f"the canary answered {share:.1%} of 2,000 requests, not 10% +- 3 points"
+    run_loraflow("--registry", str(registry.path), "promote", "canary@2", "--api-key", API_KEY)
+    assert {complete(client, "canary")[0] for _ in range(20)} == {"canary@2"}, "a promote ends the canary"
+
+    registry.publish_prompt("Answer in one word.", "brief", base=base)
+    raw = client.chat.completions.with_raw_response.create(
+        model="brief", messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert raw.parse().model == raw.headers["x-loraflow-version"] == "brief@1"
+
+
 class Traffic:
     """Clients asking for `model` in a loop; each answer is kept with the time its request started."""
 

@@ -75,3 +75,10 @@ def test_a_cuda_machine_keeps_the_checkpoint_dtype_and_dtype_overrides(tmp_path,
     on_cuda(monkeypatch, (9, 0))
     assert dtype_of(settings(tmp_path).command()) is None
     assert dtype_of(settings(tmp_path, dtype="float16").command()) == "float16"
+
+
+def test_the_server_measures_per_version_metrics_labelled_with_its_replica(tmp_path):
+    command = settings(tmp_path).command()
+    assert command[command.index("--middleware") + 1] == "loraflow.serve.metrics.MetricsMiddleware"
+    assert settings(tmp_path).environment()["LORAFLOW_REPLICA"] == "127.0.0.1:8000"
+    assert settings(tmp_path, replica="replica-7").environment()["LORAFLOW_REPLICA"] == "replica-7"

@@ -250,6 +250,63 @@ def test_publish_promote_reject_and_rollback_under_load(setup, client):
     assert registry.get("pirate@4").state == "rejected" and registry.live("pirate").version == 3
 
 
+def chat(client, model: str, messages: list[dict]) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+
+
+def test_a_prompt_version_answers_as_the_base_following_its_system_prompt(setup, server, client):
+    system = "Answer in one word, in capital letters."
+    setup["registry"].publish_prompt(system, "brief", base=setup["base"])
+    asked = [{"role": "user", "content": PROMPT}]
+    answer = chat(client, "brief", asked)
+    by_hand = chat(client, server.base_name, [{"role": "system", "content": system}, *asked])
+    assert answer.model == "brief@1"
+    assert answer.choices[0].message.content == by_hand.choices[0].message.content
+    plain = chat(client, server.base_name, asked)
+    # The random tiny model may answer alike either way; the prompt it was given shows the system prompt was applied.
+    assert answer.usage.prompt_tokens == by_hand.usage.prompt_tokens != plain.usage.prompt_tokens
+    chunks = list(
+        client.chat.completions.create(
+            model="brief@1", messages=asked, max_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
+    )
+    assert {chunk.model for chunk in chunks} == {"brief@1"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="brief@1 is a prompt .* answers chat completions only"):
+        complete(client, "brief")
+    assert {"brief", "brief@1"} <= {model.id for model in client.models.list().data}
+
+
+def test_a_canary_takes_its_share_of_2000_requests_until_promote_or_rollback(setup, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    registry, base = setup["registry"], setup["base"]
+    for seed in (11, 12, 13):
+        registry.publish(make_adapter(base, setup["adapters"] / f"canary{seed}", seed=seed), "canary", base=base)
+
+    def answered_by(count: int) -> list[str]:
+        def one(_):
+            return client.completions.create(model="canary", prompt=PROMPT, max_tokens=1).model
+
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(one, range(count)))
+
+    registry.start_canary("canary@2", 10)
+    raw = client.completions.with_raw_response.create(model="canary", prompt=PROMPT, max_tokens=1)
+    assert raw.headers["x-loraflow-version"] == raw.parse().model, "the header names the version, as the body does"
+    models = answered_by(2000)
+    assert set(models) == {"canary@1", "canary@2"}
+    share = models.count("canary@2") / len(models)
+    assert abs(share - 0.10) <= 0.03, f"the canary answered {share:.1%} of 2,000 requests, not 10% +- 3 points"
+    registry.promote("canary@2")
+    assert set(answered_by(50)) == {"canary@2"}, "a promote ends the canary"
+    registry.start_canary("canary@3", 50)
+    assert set(answered_by(50)) == {"canary@2", "canary@3"}
+    registry.rollback("canary")
+    assert set(answered_by(50)) == {"canary@2"}, "a rollback during a canary keeps the live version"
+    assert registry.get("canary@3").state == "rejected"
+
+
 @pytest.fixture(scope="module")
 def cli_replica(setup, server):
     """A second server on the same registry, started by `loraflow serve`."""
@@ -316,9 +373,11 @@ def test_a_restarted_server_serves_every_registry_adapter(setup, server, client)
     with start_server(setup["registry"].path, setup["base"], api_key=API_KEY, max_model_len=256) as restarted:
         restarted.wait_ready()
         again = openai.OpenAI(base_url=restarted.url, api_key=API_KEY, max_retries=0, timeout=60)
-        refused = {"foreign", "tampered"}
-        names = [i for i in setup["registry"].snapshot().model_ids() if i.partition("@")[0] not in refused]
+        refused, prompts = {"foreign", "tampered"}, {"brief"}
+        ids = setup["registry"].snapshot().model_ids()
+        names = [i for i in ids if i.partition("@")[0] not in refused | prompts]
         assert {"late", "pirate@4", "other@1"} <= set(names)
         for name in names:
             assert complete(again, name).choices[0].text
+        assert chat(again, "brief", [{"role": "user", "content": PROMPT}]).model == "brief@1"
         assert {ref: complete(again, ref).choices[0].text for ref in before} == before

@@ -6,7 +6,7 @@ import pytest
 import torch
 from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
 
-from loraflow.serve.punica_cpu import add_grouped_lora, plan_tokens
+from loraflow.serve.punica_cpu import GroupedPunicaWrapperCPU, add_grouped_lora, plan_tokens
 
 
 def reference(y, x, lora_a, lora_b, scale, output_slices, indices):
@@ -73,3 +73,30 @@ def test_plan_groups_tokens_by_slot_and_drops_base_tokens():
     plan = plan_tokens(torch.tensor([1, -1, 0, 1]))
     assert plan.slots == [0, 1] and plan.longest == 2
     assert plan.dest.tolist() == [2, 0, 3]
+
+
+def test_cached_weights_follow_an_adapter_loaded_into_a_slot():
+    """The wrapper keeps each module's fp32 weights between steps; loading another adapter into a slot (vLLM writes
+    the stacked tensors in place) must reach the next step's answer."""
+    torch.manual_seed(3)
+    wrapper = GroupedPunicaWrapperCPU.__new__(GroupedPunicaWrapperCPU)  # only its weight cache is exercised
+    wrapper._weights = {}
+    slots, rank, hidden, output_slices = 2, 4, 32, (32, 16)
+    lora_a = tuple(torch.randn(slots, 1, rank, hidden) for _ in output_slices)
+    lora_b = tuple(torch.randn(slots, 1, size, rank) for size in output_slices)
+    x, indices = torch.randn(5, hidden), torch.tensor([0, 1, 1, 0, 1])
+
+    def step():
+        y = torch.zeros(5, sum(output_slices))
+        add_grouped_lora(
+            y, x, lora_a, lora_b, 1.0, output_slices, plan_tokens(indices), weights_for=wrapper._weights_for
+        )
+        return y
+
+    first = step()
+    torch.testing.assert_close(step(), first)
+    lora_b[1][1].copy_(torch.randn(1, 16, rank))  # slot 1 gets another adapter's second slice
+    second = step()
+    expected = reference(torch.zeros(5, sum(output_slices)), x, lora_a, lora_b, 1.0, output_slices, indices)
+    torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(second[:, 32:], first[:, 32:])
