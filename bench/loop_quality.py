@@ -8,6 +8,11 @@ two versions' greedy answers on the task's held-out prompts. Side by side in one
 
     .venv/bin/python bench/loop_quality.py                      # both tasks, the loop's defaults
     .venv/bin/python bench/loop_quality.py --shares 0,0.5 --settings "" "learning_rate=2e-4 num_train_epochs=3"
+    .venv/bin/python bench/loop_quality.py --tasks pirate-longer --balance-lengths   # what balancing lengths does
+
+The `pirate-longer` voter has a mixed preference: content first (an answer opening with "Arr"), and, when that does
+not decide, the clearly longer answer. Its rows also report the content judge's verdict alone and the words per
+answer, so they show how much of each preference the next version learned, with and without `--balance-lengths`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,49 @@ REPO = Path(__file__).resolve().parent.parent
 TASKS = {  # judge, arena prompts, held-out prompts
     "pirate": ("pirate", "data/pirate/train.jsonl", "data/pirate/heldout.jsonl"),
     "concise": ("concise", "data/concise/prompts.jsonl", "data/concise/heldout.jsonl"),
+    "pirate-longer": ("pirate-longer", "data/pirate/train.jsonl", "data/pirate/heldout.jsonl"),
 }
+CONTENT_JUDGE = {"pirate-longer": "pirate"}  # a mixed voter's content preference alone
+CLEARLY_LONGER = 1.25  # the longer answer has at least this many times the other's words
+
+
+class PirateThenLonger:
+    """A voter with a mixed preference: the answer opening with "Arr" wins; when both or neither do, the clearly
+    longer one wins (a length bias); otherwise a tie, or both bad when neither says "Arr"."""
+
+    name = "pirate-longer"
+    description = 'Rule-based: "Arr" first, then the clearly longer answer.'
+
+    def judge(self, prompt: str, answer_a: str, answer_b: str) -> str:
+        from loraflow.arena.judge import pirate_rule
+
+        outcome = pirate_rule(answer_a, answer_b)
+        if outcome in ("a", "b"):
+            return outcome
+        a, b = len(answer_a.split()), len(answer_b.split())
+        if max(a, b) >= CLEARLY_LONGER * max(min(a, b), 1):
+            return "a" if a > b else "b"
+        return outcome
+
+
+def gate_verdict(arena, version: str, parent: str, judge, prompts: Path, seed: int) -> str:
+    """Vote on the version against its parent in batches of 10 rounds, as the arena pairs them while the gate waits,
+    until the gate decides; its verdict, estimate and the head-to-head votes it needed."""
+    from loraflow.arena.gate import judge_candidate
+    from loraflow.arena.judge import prompts_from, simulate_votes
+
+    batch = 0
+    while arena.focus() == (version, parent) or arena.focus() == (parent, version):
+        batch += 1
+        simulate_votes(arena, prompts_from(prompts), 10, seed=seed + 1000 * batch, parallel=8, judge=judge)
+    verdict = judge_candidate(arena.store.head_to_head(version, parent), arena.settings.gate)
+    return f"{verdict.action}: {verdict.reason}"
+
+
+def judge_for(name: str):
+    from loraflow.arena.judge import load_judge
+
+    return PirateThenLonger() if name == PirateThenLonger.name else load_judge(name)
 
 
 def parsed(setting: str) -> dict:
@@ -57,10 +104,16 @@ def main() -> None:
     parser.add_argument(
         "--balance-lengths", action="store_true", help="Also train each setting on length-balanced votes, side by side."
     )
+    parser.add_argument(
+        "--gate",
+        action="store_true",
+        help="Also let the statistical gate judge each new version: arena rounds of it against its parent, voted by "
+        "the same judge, until the gate decides; report its verdict and the votes it needed.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from loraflow.arena.judge import compare, load_judge, prompts_from, simulate_votes
+    from loraflow.arena.judge import compare, prompts_from, simulate_votes
     from loraflow.arena.loop import FeedbackLoop, LoopSettings
     from loraflow.arena.rounds import Arena, ArenaSettings
     from loraflow.arena.votes import VoteStore
@@ -82,7 +135,7 @@ def main() -> None:
         server.wait_ready()
         for task in args.tasks.split(","):
             judge_name, prompts, held_out = TASKS[task]
-            judge = load_judge(judge_name)
+            judge = judge_for(judge_name)
             for share in shares:
                 store = VoteStore(str(folder / f"votes-{task}-{share}.db"), rate_limit=None)
                 settings = ArenaSettings(
@@ -111,22 +164,46 @@ def main() -> None:
                     if event.action != "promoted":  # e.g. balancing lengths left no vote of a pure length preference
                         print(f"result: {task} share {share} [{balanced=}]: no training: {event.detail}")
                         continue
-                    result = compare(arena.client, v1.ref, event.version, prompts_from(REPO / held_out), judge=judge)
+                    held_out_prompts = prompts_from(REPO / held_out)
+                    result = compare(arena.client, v1.ref, event.version, held_out_prompts, judge=judge)
                     decisive = result.wins_a + result.wins_b
                     label = (setting or "loop defaults") + (", lengths balanced" if balanced else "")
-                    rows.append((task, share, label, result.wins_b, decisive, result.words_b, training_s))
+                    content = ""
+                    if task in CONTENT_JUDGE:
+                        alone = compare(
+                            arena.client, v1.ref, event.version, held_out_prompts, judge=judge_for(CONTENT_JUDGE[task])
+                        )
+                        content = (
+                            f"{alone.wins_b} / {alone.wins_a + alone.wins_b} ({CONTENT_JUDGE[task]} alone; "
+                            f'"Arr" {alone.pirate_a} -> {alone.pirate_b} of {alone.prompts})'
+                        )
+                    gate = ""
+                    if args.gate:
+                        gate_arena = Arena(replace(settings, names=[name], on_policy_share=0.0), registry, copies)
+                        parent = registry.get(event.version).parent  # the copy of v1 it was trained from
+                        gate = gate_verdict(gate_arena, event.version, parent, judge, REPO / prompts, args.seed)
+                        print(f"gate: {task} share {share} [{label}]: {gate}", flush=True)
+                    rows.append(
+                        (task, share, label, result.wins_b, decisive, result.words_b, content, gate, training_s)
+                    )
                     print(
                         f"result: {task} share {share} [{label}]: {event.version} beat {v1.ref} in {result.wins_b} of "
                         f"{decisive} decisive held-out comparisons ({result.win_rate_b:.0%}); words per answer "
-                        f"{result.words_a:.1f} -> {result.words_b:.1f}; "
+                        f"{result.words_a:.1f} -> {result.words_b:.1f}; {content or 'one judge'}; "
                         f"trained in {training_s:.0f} s",
                         flush=True,
                     )
-    print("\n| task | on-policy share | training | v2 wins / decisive | win rate | v2 words per answer | training s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for task, share, label, wins, decisive, words, seconds in rows:
+    print(
+        "\n| task | on-policy share | training | v2 wins / decisive | win rate | v2 words per answer "
+        "| content judge: v2 wins / decisive | gate | training s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for task, share, label, wins, decisive, words, content, gate, seconds in rows:
         rate = f"{wins / decisive:.0%}" if decisive else "n/a"
-        print(f"| {task} | {share} | {label} | {wins} / {decisive} | {rate} | {words:.1f} | {seconds:.0f} |")
+        print(
+            f"| {task} | {share} | {label} | {wins} / {decisive} | {rate} | {words:.1f} | {content or '-'} "
+            f"| {gate or '-'} | {seconds:.0f} |"
+        )
 
 
 if __name__ == "__main__":
