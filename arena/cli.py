@@ -16,12 +16,15 @@ import typer
 from loraflow.arena.judge import DEFAULT_JUDGE
 from loraflow.arena.settings import (
     DEFAULT_SERVER,
+    DEFAULT_VOTERS,
     LOOP_TRAINING,
+    VOTER_LABELS,
     ArenaSettings,
     GateSettings,
     HygieneSettings,
     LoopSettings,
     RateLimit,
+    check_voters,
     trainer_config,
 )
 from loraflow.hub.base import DEFAULT_BASE
@@ -267,18 +270,29 @@ def votes_simulate(
     typer.echo(json.dumps({"judge": voter.name, "rounds": rounds, "outcomes": outcomes}))
 
 
+VOTERS_OPTION = typer.Option(
+    list(DEFAULT_VOTERS),
+    "--voters",
+    help="Whose votes a board counts: human (people's), ai (judges', sessions judge-...) or all; repeat it for "
+    "several boards. By default people's and judges' votes get a board each, people's first, never mixed.",
+)
+
+
 def votes_leaderboard(
     ctx: typer.Context,
     names: List[str] = typer.Argument(..., help="Adapter names whose lineage to show."),
     votes: Optional[str] = VOTES_OPTION,
     base: str = BASE_OPTION,
     hygiene: bool = HYGIENE_OPTION,
+    voters: List[str] = VOTERS_OPTION,
 ):
-    """Print Bradley-Terry ratings, raw and style-controlled (95% intervals), online Elo, vote counts and lineage."""
+    """Print Bradley-Terry ratings, raw and style-controlled (95% intervals), online Elo, vote counts and lineage:
+    a board of people's votes and one of judges' votes, or those --voters asks for."""
+    voters = check_voters(voters)
     from rich.console import Console
     from rich.table import Table
 
-    from loraflow.arena.ratings import LiveLeaderboard
+    from loraflow.arena.ratings import LeaderboardFit
     from loraflow.arena.votes import VoteStore
     from loraflow.hub.base import resolve_base
 
@@ -287,25 +301,31 @@ def votes_leaderboard(
     for name in names:
         registry.versions(name)  # an unknown name fails before the ratings are computed
     screening = HygieneSettings() if hygiene else None
-    board = LiveLeaderboard(store.votes, hygiene=screening, base_names=[resolve_base(base).served_name]).refresh()
-    table = Table("contestant", "Bradley-Terry (95% CI)", "style-controlled (95% CI)", "Elo", "votes", "W/L/D")
-    for rating in board.ratings:
-        table.add_row(
-            rating.contestant,
-            f"{rating.bt:.0f} ({rating.bt_low:.0f}-{rating.bt_high:.0f})",
-            f"{rating.style_bt:.0f} ({rating.style_low:.0f}-{rating.style_high:.0f})",
-            f"{rating.elo:.0f}",
-            str(rating.votes),
-            f"{rating.wins}/{rating.losses}/{rating.draws}",
-        )
+    base_names = [resolve_base(base).served_name]
+    boards = LeaderboardFit(store.votes, hygiene=screening, base_names=base_names, voters=voters).refresh()
     console = Console()
-    console.print(table)
-    if board.votes:
+    for group in voters:
+        board = boards[group]
+        plural = "" if board.votes == 1 else "s"
+        console.print(f"{VOTER_LABELS[group]} board (--voters {group}): {board.votes} vote{plural}")
+        if not board.votes:
+            continue
+        table = Table("contestant", "Bradley-Terry (95% CI)", "style-controlled (95% CI)", "Elo", "votes", "W/L/D")
+        for rating in board.ratings:
+            table.add_row(
+                rating.contestant,
+                f"{rating.bt:.0f} ({rating.bt_low:.0f}-{rating.bt_high:.0f})",
+                f"{rating.style_bt:.0f} ({rating.style_low:.0f}-{rating.style_high:.0f})",
+                f"{rating.elo:.0f}",
+                str(rating.votes),
+                f"{rating.wins}/{rating.losses}/{rating.draws}",
+            )
+        console.print(table)
         effects = ", ".join(f"{e.feature} {e.elo:+.0f} ({e.low:.0f} to {e.high:.0f})" for e in board.style)
         console.print(f"style effects, Elo per standard deviation (95% CI): {effects}")
-    if board.excluded:
-        left_out = ", ".join(f"{rule} {count}" for rule, count in board.excluded.items())
-        console.print(f"left out by vote hygiene (still stored): {left_out}")
+        if board.excluded:
+            left_out = ", ".join(f"{rule} {count}" for rule, count in board.excluded.items())
+            console.print(f"left out by vote hygiene (still stored): {left_out}")
     for name in names:
         console.print("lineage: " + " -> ".join(v.ref for v in registry.lineage(f"{name}@latest")))
 

@@ -110,6 +110,11 @@ class FeedbackLoop:
         registry.versions(settings.name)  # an unknown name fails here, listing the known ones
         self.base = resolve_base(settings.base)
         live = registry.live(settings.name)
+        if live is not None and live.kind == "prompt":
+            raise LoraflowError(
+                f"{live.ref} is a prompt, and the loop trains adapters from the live one. Run the loop on an adapter's "
+                f"name; the arena can still show {settings.name} beside it (`loraflow arena ADAPTER {settings.name}`)."
+            )
         if live is not None and live.base["fingerprint"] != self.base.fingerprint:
             raise LoraflowError(
                 f"{live.ref} was trained on {live.base['name']}, not on {self.base.name}; "

@@ -9,27 +9,37 @@ Intervals come from the curvature of the fitted log-posterior (a Laplace approxi
 a bootstrap of one vote resamples that vote every time and shows a zero-width interval. Each contestant also
 plays a prior draw against a virtual average player, so a handful of votes gives a wide, finite interval.
 
-`Ratings` keeps what the fits need and takes new votes only; `LiveLeaderboard` refits it in a background
-thread, so a page that shows the leaderboard reads the last fit and never computes one.
+`Ratings` keeps what the fits need and takes new votes only. People's votes and judges' votes (AI feedback, cast
+under `judge-...` sessions) are rated apart: `LeaderboardFit` keeps one `Ratings` per voter group (HUMAN, AI, and ALL
+of them together), so a judge's votes never move the people's board. `LiveLeaderboard` runs that fit in a process
+of its own, so a page that shows the leaderboard reads the last fit and never computes one, and a refit never holds
+the interpreter lock of the process that serves the arena.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable, Sequence
 
 import numpy as np
 
-from loraflow.arena.hygiene import screen
-from loraflow.arena.settings import HygieneSettings
+from loraflow.arena.hygiene import RULES, is_judge, screen
+from loraflow.arena.settings import AI, ALL, VOTERS, HygieneSettings, check_voters
 from loraflow.arena.votes import HeadToHead, Vote
+from loraflow.hub.errors import LoraflowError
 
 ELO_START = 1000.0
 ELO_K = 32.0
@@ -39,7 +49,9 @@ PRIOR = 0.5  # one virtual draw per contestant, as half a win and half a loss
 STYLE_PRECISION = 1.0  # a N(0, 1) prior on each style coefficient (logits per standard deviation)
 STYLE_FEATURES = ("length", "headers", "list items", "bold")
 SCORES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
-REFIT_REST = 4  # the background refit waits this many times its own duration before the next
+# The background refit waits this many times its own duration before the next: while votes stream in, it uses at
+# most a tenth of one core, which on a CPU-only server is taken from generation.
+REFIT_REST = 9
 PLOT_POINTS = 500  # per contestant; keeps drawing the plot constant work however many votes there are
 
 HEADER = re.compile(r"^ {0,3}#{1,6}\s", re.MULTILINE)
@@ -95,6 +107,7 @@ class Board:
     last_seq: int = 0
     elo_series: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)  # votes vote hygiene left out, per rule
+    voters: str = ALL  # whose votes it counts: one of VOTERS
 
 
 def matches_from_votes(votes: Sequence[Vote]) -> list[Match]:
@@ -419,83 +432,265 @@ def leaderboard(votes: Sequence[Vote]) -> list[Rating]:
     return list(Ratings().add(votes).fit().ratings)
 
 
-class LiveLeaderboard:
-    """Keeps a `Ratings` current with a vote store: a daemon thread reads the votes after the last one it saw and
-    refits when there are any. `latest` returns the last finished fit and never computes; `wake` asks for a
-    refit now (after a vote) instead of at the next poll."""
+def counts_for(session_id: str, voters: str) -> bool:
+    """Whether a vote cast by `session_id` counts on the `voters` board: people's (HUMAN), judges' (AI) or ALL."""
+    return voters == ALL or (voters == AI) == is_judge(session_id)
+
+
+@dataclass(frozen=True)
+class Boards:
+    """One finished fit of each voter group's board, from the votes up to `seen_seq`, the newest one read."""
+
+    by_voters: dict[str, Board]
+    seen_seq: int = 0
+
+    def __getitem__(self, voters: str) -> Board:
+        return self.by_voters[voters]
+
+
+class LeaderboardFit:
+    """The leaderboards of one vote store, kept current in the calling process: `refresh` reads the votes after the
+    newest it has seen, screens them (vote hygiene reads each session's whole history, so it screens every vote read
+    so far) and refits one `Ratings` per voter group from where its last fit ended. `LiveLeaderboard` runs one in a
+    process of its own; `loraflow votes leaderboard` calls one directly."""
 
     def __init__(
         self,
         read_votes: Callable[..., list[Vote]],
+        hygiene: HygieneSettings | None = None,
+        base_names: Sequence[str] = (),
+        voters: Sequence[str] = VOTERS,
+    ):
+        self._read_votes = read_votes  # VoteStore.votes: called with after_seq=
+        self.hygiene, self.base_names, self.voters = hygiene, tuple(base_names), check_voters(voters)
+        self._ratings = {group: Ratings() for group in self.voters}
+        self._seen_seq = 0
+        self._votes: list[Vote] = []  # with hygiene, every vote read
+        self._excluded: set[str] = set()
+        self._boards: Boards | None = None
+
+    def refresh(self) -> Boards:
+        """Read the new votes and refit the boards they change; without new votes, the last fit."""
+        new = self._read_votes(after_seq=self._seen_seq)
+        if new or self._boards is None:
+            self._seen_seq = max([self._seen_seq, *(v.seq for v in new)])
+            self._boards = self._refit(new)
+        return self._boards
+
+    def _refit(self, new: list[Vote]) -> Boards:
+        kept, rebuilt, excluded_counts = new, False, {group: {} for group in self.voters}
+        if self.hygiene is not None:
+            self._votes += new
+            screened = screen(self._votes, self.hygiene, self.base_names)
+            excluded = screened.excluded_ids()
+            rebuilt = excluded - {v.vote_id for v in new} != self._excluded  # an earlier vote changed side
+            if rebuilt:
+                self._ratings = {group: Ratings() for group in self.voters}
+                kept = screened.kept
+            else:
+                kept = [v for v in new if v.vote_id not in excluded]
+            self._excluded = excluded
+            for group in self.voters:
+                found = Counter(item.rule for item in screened.excluded if counts_for(item.session_id, group))
+                excluded_counts[group] = {rule: found[rule] for rule in RULES if found[rule]}
+        changed = set()
+        for group, ratings in self._ratings.items():
+            added = [v for v in kept if counts_for(v.session_id, group)]
+            ratings.add(added)
+            if added or rebuilt or self._boards is None:
+                changed.add(group)
+        boards: dict[str, Board] = {}
+        for group in sorted(self.voters, key=lambda group: group == ALL):  # ALL last: it may equal another board
+            ratings = self._ratings[group]
+            # While only people (or only judges) voted, everyone's board is theirs: one fit, not two.
+            twin = next((g for g in boards if group == ALL and self._ratings[g].count == ratings.count), None)
+            if twin is not None:
+                board = boards[twin]
+            elif group in changed:
+                board = ratings.fit()
+            else:  # a vote of one group leaves the other's fit as it was; only its hygiene counts can change
+                board = self._boards.by_voters[group]
+            boards[group] = replace(board, voters=group, excluded=excluded_counts[group])
+        return Boards({group: boards[group] for group in self.voters}, self._seen_seq)
+
+
+REFIT_NICENESS = 10  # the refit process's nice increment: the process serving the arena and the server come first
+# A fresh interpreter that imports only this module, whatever script started the arena: multiprocessing's spawn
+# would import that script again, and one without a __main__ guard would start a second arena.
+LEADERBOARD_PROCESS = (
+    "import sys; from loraflow.arena.ratings import leaderboard_process; leaderboard_process(int(sys.argv[1]))"
+)
+
+
+def leaderboard_process(handle: int) -> None:
+    """The leaderboard process, on its end of a socket pair: the first message holds the store's URL, the poll
+    interval, the hygiene settings, the base's names and the voter groups. It refits after new votes arrive and sends
+    each new `Boards` with the number of the newest refresh request it answers (a failed refit sends the error's text
+    instead), then rests. A message ends the rest: 0 asks for a refit now, N > 0 for a reply to request N; None stops
+    it, as does the arena's process closing its end."""
+    if hasattr(os, "nice"):
+        os.nice(REFIT_NICENESS)
+    from loraflow.arena.votes import VoteStore
+
+    connection = Connection(handle)
+    try:
+        votes_url, poll_s, hygiene, base_names, voters = connection.recv()
+    except EOFError:
+        return
+    fit = LeaderboardFit(VoteStore(votes_url, rate_limit=None, create=False).votes, hygiene, base_names, voters)
+    requested = answered = 0
+    sent: Boards | None = None
+    while True:
+        started = time.perf_counter()
+        reply = None
+        try:
+            boards = fit.refresh()
+            if boards is not sent or requested > answered:
+                reply, sent = (requested, boards), boards
+        except Exception as error:  # a locked or unreachable database: the arena keeps the last fit; try again later
+            log.exception("refitting the leaderboard failed; the arena keeps showing the previous ratings")
+            reply = (requested, f"{type(error).__name__}: {error}") if requested > answered else None
+        try:
+            if reply is not None:
+                connection.send(reply)
+                answered = requested
+            if connection.poll(max(poll_s, REFIT_REST * (time.perf_counter() - started))):
+                while True:
+                    message = connection.recv()
+                    if message is None:
+                        return
+                    requested = max(requested, message)
+                    if not connection.poll():
+                        break
+        except (EOFError, OSError):  # the arena's process is gone
+            return
+
+
+class LiveLeaderboard:
+    """The arena's leaderboards, refitted in a separate, lower-priority process, so that refitting (which screens
+    every vote) never holds the interpreter lock of the process that serves the arena: a click waits on no refit.
+    `latest` returns the last finished fit and never computes; `wake` asks for a refit now instead of at the next
+    poll; `refresh` waits for a fit that includes every vote stored before the call."""
+
+    def __init__(
+        self,
+        votes_url: str,
         poll_s: float = 2.0,
         hygiene: HygieneSettings | None = None,
         base_names: Sequence[str] = (),
+        voters: Sequence[str] = VOTERS,
+        restart_after_s: float = 30.0,
     ):
-        self._read_votes = read_votes  # VoteStore.votes: called with after_seq=
-        self.poll_s = poll_s
-        self.hygiene, self.base_names = hygiene, tuple(base_names)
-        self._ratings = Ratings()
-        self._seen_seq = 0
-        self._votes: list[Vote] = []  # with hygiene, every vote read: its rules read each session's whole history
-        self._excluded: set[str] = set()
-        self._board: Board | None = None
-        self._refit_lock = threading.Lock()
-        self._start_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.votes_url, self.poll_s = votes_url, poll_s
+        self.hygiene, self.base_names, self.voters = hygiene, tuple(base_names), check_voters(voters)
+        self.restart_after_s = restart_after_s  # a process that exited (killed, out of memory) is started again
+        self._started_at = 0.0
+        self._boards: Boards | None = None
+        self._state = threading.Condition()  # guards what the receiving thread sets: boards, answers, error, gone
+        self._requested = self._answered = 0
+        self._error: str | None = None
+        self._gone = False
+        self._closed = False
+        self._process: subprocess.Popen | None = None
+        self._connection: Connection | None = None
+        self._send_lock = threading.Lock()
 
-    def refresh(self) -> Board:
-        """Read the new votes and refit; the thread's loop, and a direct call where the caller must see every vote."""
-        with self._refit_lock:
-            new = self._read_votes(after_seq=self._seen_seq)
-            if new or self._board is None:
-                self._seen_seq = max([self._seen_seq, *(v.seq for v in new)])
-                self._board = self._refit(new)
-            return self._board
+    def latest(self, voters: str) -> Board | None:
+        """The last fit of the `voters` board, or None before the first one finished; starts the process on first
+        use."""
+        boards = self.latest_boards()
+        return boards[voters] if boards is not None else None
 
-    def _refit(self, new: list[Vote]) -> Board:
-        if self.hygiene is None:
-            return self._ratings.add(new).fit()
-        self._votes += new
-        screened = screen(self._votes, self.hygiene, self.base_names)
-        excluded = screened.excluded_ids()
-        if excluded - {v.vote_id for v in new} != self._excluded:  # an earlier vote changed side: refit from scratch
-            self._ratings = Ratings(self._ratings.prior, self._ratings.level).add(screened.kept)
-        else:
-            self._ratings.add([v for v in new if v.vote_id not in excluded])
-        self._excluded = excluded
-        return replace(self._ratings.fit(), excluded=screened.counts())
-
-    def latest(self) -> Board | None:
-        """The last fit, or None before the first one finished; starts the thread on first use."""
+    def latest_boards(self) -> Boards | None:
         self._start()
-        return self._board
+        return self._boards
 
     def wake(self) -> None:
         self._start()
-        self._wake.set()
+        self._send(0)
+
+    def refresh(self, timeout_s: float = 600.0) -> Boards:
+        """Every voter group's board, fitted from every vote stored before this call: asks the process and waits."""
+        self._start()
+        with self._state:
+            self._requested += 1
+            wanted = self._requested
+        self._send(wanted)
+        with self._state:
+            done = self._state.wait_for(lambda: self._answered >= wanted or self._gone, timeout_s)
+            if self._answered < wanted:
+                reason = "its process exited (its error is above)" if done else f"no fit within {timeout_s:.0f} s"
+                raise LoraflowError(f"the leaderboard of {self.votes_url} could not be refitted: {reason}.")
+            if self._error is not None:
+                raise LoraflowError(f"refitting the leaderboard of {self.votes_url} failed: {self._error}")
+            return self._boards
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        """Stop the process (it stops by itself, too, when this process ends)."""
+        with self._send_lock:
+            self._closed = True
+            process, connection = self._process, self._connection
+            if connection is not None:
+                try:
+                    connection.send(None)
+                except OSError:
+                    pass
+        if process is not None:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if connection is not None:
+            connection.close()
 
     def _start(self) -> None:
-        with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="leaderboard", daemon=True)
-                self._thread.start()
+        with self._send_lock:
+            if self._closed or self._process is not None and not self._gone:
+                return
+            if self._process is not None:  # it exited: start another, though not more often than restart_after_s
+                if time.monotonic() - self._started_at < self.restart_after_s:
+                    return
+                self._process.wait()
+                self._connection.close()
+                log.warning("the leaderboard process exited (%s); starting it again", self._process.returncode)
+                with self._state:
+                    self._gone = False
+            self._started_at = time.monotonic()
+            ours, theirs = socket.socketpair()
+            command = [sys.executable, "-c", LEADERBOARD_PROCESS, str(theirs.fileno())]
+            self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            theirs.close()
+            self._connection = Connection(ours.detach())
+            self._connection.send((self.votes_url, self.poll_s, self.hygiene, self.base_names, self.voters))
+            receiving = (self._connection,)
+        threading.Thread(target=self._receive, args=receiving, name="leaderboard-receiver", daemon=True).start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.perf_counter()
+    def _send(self, message: int) -> None:
+        with self._send_lock:
+            if self._closed or self._connection is None:
+                return
             try:
-                self.refresh()
-            except Exception:  # a locked or unreachable database: keep showing the last fit, try again later
-                log.exception("refitting the leaderboard failed; showing the previous ratings")
-            # A refit shares the arena's process; resting REFIT_REST times as long keeps it to a share of the CPU.
-            self._wake.wait(max(self.poll_s, REFIT_REST * (time.perf_counter() - started)))
-            self._wake.clear()
+                self._connection.send(message)
+            except OSError:  # the process is gone; `refresh` says so
+                pass
+
+    def _receive(self, connection: Connection) -> None:
+        while True:
+            try:
+                answered, result = connection.recv()
+            except (EOFError, OSError):
+                with self._state:
+                    self._gone = True
+                    self._state.notify_all()
+                return
+            with self._state:
+                if isinstance(result, Boards):
+                    self._boards, self._error = result, None
+                else:
+                    self._error = result
+                self._answered = max(self._answered, answered)
+                self._state.notify_all()
 
 
 def plot_elo_series(

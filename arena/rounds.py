@@ -17,9 +17,9 @@ from typing import Iterator
 from loraflow.arena.gate import needs_votes
 from loraflow.arena.matchmaking import Pairing, choose_pair, shuffled
 from loraflow.arena.ratings import Board, LiveLeaderboard, Rating
-from loraflow.arena.settings import ArenaSettings
+from loraflow.arena.settings import ALL, HUMAN, ArenaSettings
 from loraflow.arena.votes import BASE_CONTESTANT, Recorded, Vote, VoteStore
-from loraflow.hub.registry import REJECTED, AdapterVersion, Registry
+from loraflow.hub.registry import REJECTED, SERVABLE_KINDS, AdapterVersion, Registry
 
 __all__ = ["Arena", "ArenaSettings", "Round", "is_rejected"]
 
@@ -54,14 +54,14 @@ class Arena:
         )
         self._base_model = settings.base_model
         base_names = [settings.base_model] if settings.base_model else []
-        self.live_leaderboard = LiveLeaderboard(store.votes, hygiene=settings.hygiene, base_names=base_names)
+        self.live_leaderboard = LiveLeaderboard(store.url, hygiene=settings.hygiene, base_names=base_names)
 
     def contestants(self) -> list[str]:
         """The base, each name's newest versions that were not rejected, and its live version even when older."""
         found = [BASE_CONTESTANT] if self.settings.include_base else []
         snapshot = self.registry.snapshot()
         for name in self.settings.names:
-            versions = [v for v in snapshot.versions(name) if v.kind == "adapter" and not is_rejected(v)]
+            versions = [v for v in snapshot.versions(name) if v.kind in SERVABLE_KINDS and not is_rejected(v)]
             recent = [v.ref for v in versions[-self.settings.max_versions :]]
             live = snapshot.live(name)
             found += recent + ([live.ref] if live and live.ref not in recent else [])
@@ -85,8 +85,9 @@ class Arena:
 
     def pairing(self, rng: random.Random) -> Pairing:
         """On-policy rounds first (two samples of a live version, at `on_policy_share`), then the pair the gate is
-        waiting on, then any two contestants. Reads no vote beyond the focused pair's: counts and ratings come
-        from the background leaderboard's last fit."""
+        waiting on, then any two contestants. Reads no vote but those stored since the last round (`focus`): counts
+        and ratings come from the background leaderboard's last fit of every vote, people's and judges' alike, as
+        the gate counts them."""
         live = self.live_versions()
         if live and rng.random() < self.settings.on_policy_share:
             own = rng.choice(live)
@@ -94,7 +95,7 @@ class Arena:
         focus = self.focus()
         if focus is not None:
             return shuffled(*focus, rng)
-        board = self.live_leaderboard.latest()
+        board = self.live_leaderboard.latest(ALL)
         rows = board.ratings if board else ()
         counts = {row.contestant: row.votes for row in rows}
         return choose_pair(self.contestants(), counts, {row.contestant: row.bt for row in rows}, rng)
@@ -177,13 +178,18 @@ class Arena:
             )
         )
 
-    def leaderboard(self) -> list[Rating]:
-        """Ratings that include every vote stored so far: reads the votes after the last fit and refits from it."""
-        return list(self.live_leaderboard.refresh().ratings)
+    def leaderboard(self, voters: str = HUMAN) -> list[Rating]:
+        """Ratings that include every vote `voters` stored so far (people's by default): waits for a refit."""
+        return list(self.live_leaderboard.refresh()[voters].ratings)
 
-    def latest_board(self) -> Board | None:
-        """The background fit's last result, for a page: reads no votes and fits nothing (None before the first)."""
-        return self.live_leaderboard.latest()
+    def latest_board(self, voters: str = HUMAN) -> Board | None:
+        """The background fit's last board of `voters` (people's by default), for a page: reads no votes and fits
+        nothing (None before the first)."""
+        return self.live_leaderboard.latest(voters)
+
+    def close(self) -> None:
+        """Stop the background leaderboard's process."""
+        self.live_leaderboard.close()
 
     def lineages(self) -> list[list[str]]:
         return [[v.ref for v in self.registry.lineage(f"{name}@latest")] for name in self.settings.names]

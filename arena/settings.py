@@ -70,6 +70,24 @@ class HygieneSettings:
                 raise LoraflowError(f"hygiene: {name} is {getattr(self, name)}; give a p-value between 0 and 1.")
 
 
+HUMAN, AI, ALL = "human", "ai", "all"
+VOTERS = (HUMAN, AI, ALL)  # whose votes a leaderboard counts: people's, judges' (AI feedback) or everyone's
+VOTER_LABELS = {HUMAN: "people's", AI: "judges'", ALL: "everyone's"}
+# A board each, people's first: a judge votes as often as it is asked, and its biases (the answer it reads first,
+# length) are not people's, so mixed in it would outvote them.
+DEFAULT_VOTERS = (HUMAN, AI)
+
+
+def check_voters(voters: typing.Sequence[str]) -> tuple[str, ...]:
+    """The voter groups asked for, each once, in their order; an unknown one fails, naming the choices."""
+    unknown = [group for group in voters if group not in VOTERS]
+    if unknown or not voters:
+        raise LoraflowError(
+            f"--voters {', '.join(unknown) or '(none)'}: give human, ai or all (repeat for more boards)."
+        )
+    return tuple(dict.fromkeys(voters))
+
+
 @dataclass(frozen=True)
 class GateSettings:
     """The statistical gate's test (loraflow.arena.gate): a Bradley-Terry win probability's interval against 0.5."""

@@ -1,4 +1,5 @@
-"""The Gradio arena: two anonymous streamed answers, one vote handler for four buttons, a leaderboard.
+"""The Gradio arena: two anonymous streamed answers, one vote handler for four buttons, and the leaderboards of
+people's votes and of judges' votes, side by side and never mixed.
 
 Per-visitor state lives in a `gr.State` (the current `Round`); everything shared (settings, registry,
 vote store, openai client) hangs off one `Arena` built by the caller. Prompts and answers go into
@@ -11,8 +12,9 @@ import random
 
 import gradio as gr
 
-from loraflow.arena.ratings import plot_elo_series
+from loraflow.arena.ratings import Board, plot_elo_series
 from loraflow.arena.rounds import Arena, Round
+from loraflow.arena.settings import AI, HUMAN, VOTER_LABELS
 from loraflow.hub.errors import LoraflowError
 
 VOTE_BUTTONS = {"A is better": "a", "B is better": "b", "Tie": "tie", "Both are bad": "both_bad"}
@@ -30,13 +32,15 @@ def vote_buttons_update(enabled: bool) -> list:
     return [gr.update(interactive=enabled) for _ in VOTE_BUTTONS]
 
 
-def leaderboard_view(arena: Arena) -> tuple[list[list], object, str, str, int | None]:
-    """The table rows, the Elo-over-votes figure, the style effects, each adapter's lineage, and which fit this
-    is. Everything comes from the last background fit, so the work does not grow with the votes stored."""
-    board = arena.latest_board()
-    lineage = "\n".join(" → ".join(chain) for chain in arena.lineages()) or "no adapters yet"
+def votes_text(count: int, whose: str) -> str:
+    return f"{count} {whose} vote{'' if count == 1 else 's'}"
+
+
+def board_view(board: Board | None, others: Board | None) -> tuple[list[list], object, str]:
+    """One voter group's table rows, Elo-over-votes figure and summary; `others` is the other group's board, which
+    the summary mentions when this one is empty."""
     if board is None:
-        return [], plot_elo_series({}), "Computing the ratings…", lineage, None
+        return [], plot_elo_series({}), "Computing the ratings…"
     rows = [
         [
             r.contestant,
@@ -52,22 +56,38 @@ def leaderboard_view(arena: Arena) -> tuple[list[list], object, str, str, int | 
         ]
         for r in board.ratings
     ]
+    whose, other = VOTER_LABELS[board.voters], VOTER_LABELS[others.voters] if others else ""
+    figure = plot_elo_series(board.elo_series, title=f"Elo per version over {whose} votes")
+    if not board.votes:
+        summary = f"No {whose} votes yet."
+        if others is not None and others.votes:
+            summary += f" The {other} board has {votes_text(others.votes, other)}; they are rated apart."
+        return rows, figure, summary
     effects = ", ".join(f"{e.feature} {e.elo:+.0f} ({e.low:.0f} – {e.high:.0f})" for e in board.style)
-    style = (
-        f"Ratings from {board.votes} vote{'' if board.votes == 1 else 's'}, refitted in the background as they arrive. "
-        f"Style-controlled ratings hold the style of the answers fixed; Elo points per standard deviation of "
-        f"each style difference (95% CI): {effects}."
-        if board.votes
-        else "No votes yet."
+    summary = (
+        f"Ratings from {votes_text(board.votes, whose)}, refitted in the background as they arrive; "
+        f"{other} votes are rated apart and never move them. Style-controlled ratings hold the style of the answers "
+        f"fixed; Elo points per standard deviation of each style difference (95% CI): {effects}."
     )
-    return rows, plot_elo_series(board.elo_series), style, lineage, board.last_seq
+    return rows, figure, summary
+
+
+def leaderboard_view(arena: Arena) -> tuple:
+    """The people's board and the judges' board (each: table rows, Elo-over-votes figure, summary), each adapter's
+    lineage, and which fit this is. Everything comes from the last background fit, so the work does not grow with
+    the votes stored."""
+    boards = arena.live_leaderboard.latest_boards()
+    lineage = "\n".join(" → ".join(chain) for chain in arena.lineages()) or "no adapters yet"
+    people, judges = (boards[HUMAN], boards[AI]) if boards else (None, None)
+    seen = boards.seen_seq if boards else None
+    return *board_view(people, judges), *board_view(judges, people), lineage, seen
 
 
 def leaderboard_if_changed(arena: Arena, shown: int | None):
     """The timer's tick: the view only when a newer fit finished than the one this page shows."""
-    board = arena.latest_board()
-    if board is None or board.last_seq == shown:
-        return (gr.skip(),) * 5
+    boards = arena.live_leaderboard.latest_boards()
+    if boards is None or boards.seen_seq == shown:
+        return (gr.skip(),) * BOARD_OUTPUTS
     return leaderboard_view(arena)
 
 
@@ -84,10 +104,16 @@ LEADERBOARD_HEADERS = [
     "draws",
 ]
 LEADERBOARD_POLL_S = 3.0
+BOARD_OUTPUTS = 8  # two boards of three, the lineage, and which fit is shown
+LEADERBOARD_INTRO = (
+    "People's votes and judges' votes (AI feedback, e.g. from `loraflow votes simulate --judge NAME`) are rated on "
+    "separate boards: the People board ranks what people prefer, and no number of judge votes moves it."
+)
 
 
 def build_arena(arena: Arena) -> gr.Blocks:
     arena.live_leaderboard.wake()  # the first fit runs while the first visitor's page loads
+    arena.focus()  # counts the stored votes per pair once, so the first round's pairing reads only newer ones
 
     def stream_round(current: Round):
         try:
@@ -154,9 +180,17 @@ def build_arena(arena: Arena) -> gr.Blocks:
                 regenerate_button = gr.Button("Regenerate", elem_id="regenerate")
                 new_round_button = gr.Button("New round", elem_id="new-round")
         with gr.Tab("Leaderboard", elem_id="leaderboard-tab"):
-            table = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, elem_id="leaderboard")
-            plot = gr.Plot(label="Elo per version over votes", elem_id="ratings-plot")
-            style = gr.Markdown(elem_id="style-effects")
+            gr.Markdown(LEADERBOARD_INTRO)
+            with gr.Tab("People", elem_id="people-tab"):
+                table = gr.Dataframe(headers=LEADERBOARD_HEADERS, interactive=False, elem_id="leaderboard")
+                plot = gr.Plot(label="Elo per version over people's votes", elem_id="ratings-plot")
+                style = gr.Markdown(elem_id="style-effects")
+            with gr.Tab("Judges (AI feedback)", elem_id="judges-tab"):
+                judges_table = gr.Dataframe(
+                    headers=LEADERBOARD_HEADERS, interactive=False, elem_id="judges-leaderboard"
+                )
+                judges_plot = gr.Plot(label="Elo per version over judges' votes", elem_id="judges-ratings-plot")
+                judges_style = gr.Markdown(elem_id="judges-style-effects")
             lineage = gr.Textbox(label="Lineage", interactive=False, elem_id="lineage")
             refresh = gr.Button("Refresh", elem_id="refresh")
             shown_fit = gr.State(None)
@@ -169,8 +203,8 @@ def build_arena(arena: Arena) -> gr.Blocks:
         new_round_button.click(new_round, None, [current_round, prompt, answer_a, answer_b, reveal, status, *buttons])
         for button, outcome in zip(buttons, VOTE_BUTTONS.values()):
             button.click(vote_for(outcome), current_round, [reveal, status, *buttons], api_name=f"vote_{outcome}")
-        board_outputs = [table, plot, style, lineage, shown_fit]
-        refresh.click(lambda: leaderboard_view(arena), None, board_outputs)
+        board_outputs = [table, plot, style, judges_table, judges_plot, judges_style, lineage, shown_fit]
+        refresh.click(lambda: leaderboard_view(arena), None, board_outputs, api_name="leaderboard")
         blocks.load(lambda: leaderboard_view(arena), None, board_outputs)
         timer.tick(lambda shown: leaderboard_if_changed(arena, shown), shown_fit, board_outputs, show_progress="hidden")
     return blocks

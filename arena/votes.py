@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
@@ -89,6 +89,12 @@ _SELECT_RECENT = (
     .order_by(_VOTES.c.created)
 )
 _INSERT_RETURNING = insert(_VOTES).returning(*_VOTES.c)
+_SELECT_OUTCOMES_AFTER = (
+    select(_VOTES.c.seq, _VOTES.c.contestant_a, _VOTES.c.contestant_b, _VOTES.c.outcome)
+    .where(_VOTES.c.seq > bindparam("after_seq"))
+    .order_by(_VOTES.c.seq)
+)
+SWAPPED = {"a": "b", "b": "a"}  # an outcome read from the other side; ties and both-bad read the same
 
 
 @dataclass(frozen=True)
@@ -164,8 +170,8 @@ class HeadToHead:
         tally = cls(first, second)
         for vote in votes:
             if {vote.contestant_a, vote.contestant_b} == {first, second} and first != second:
-                outcome = vote.outcome if vote.contestant_a == first else {"a": "b", "b": "a"}.get(vote.outcome)
-                tally = tally.plus(outcome or vote.outcome)
+                from_first = vote.outcome if vote.contestant_a == first else SWAPPED.get(vote.outcome, vote.outcome)
+                tally = tally.plus(from_first)
         return tally
 
 
@@ -370,6 +376,9 @@ class VoteStore:
             message = f"{self.location}: cannot open the vote database ({reason}); {DATABASE_HINT}."
             raise LoraflowError(message) from None
         self._group = GroupCommit(self._record_batch)
+        self._outcome_counts: Counter[tuple[str, str, str]] = Counter()  # votes per (A, B, outcome)
+        self._counted_seq = 0  # the newest vote in _outcome_counts
+        self._count_lock = threading.Lock()
 
     def record(self, vote: Vote) -> Recorded:
         """Store the vote once and commit; a repeated vote_id returns the stored vote unchanged.
@@ -491,17 +500,23 @@ class VoteStore:
             return [_row_to_vote(row) for row in connection.execute(query)]
 
     def head_to_head(self, first: str, second: str) -> HeadToHead:
-        """The outcomes of the votes between two contestants, counted by the database: constant work per round."""
+        """The outcomes of the votes between two contestants. The store counts votes per (A, B, outcome) and adds only
+        the votes stored since it last counted (one read along the primary key), so a call's work does not grow with
+        the votes stored; the first call counts them all once."""
         if first == second:
             return HeadToHead(first, second)
-        c = _VOTES.c
-        first_side = c.contestant_a == first
-        query = select(first_side.label("first_is_a"), c.outcome, func.count()).where(_between(first, second))
-        with self.engine.connect() as connection:
-            rows = connection.execute(query.group_by(first_side, c.outcome)).all()
-        tally = HeadToHead(first, second)
-        for first_is_a, outcome, count in rows:
-            tally = tally.plus(outcome if first_is_a else {"a": "b", "b": "a"}.get(outcome, outcome), count)
+        with self._count_lock:
+            with self.engine.connect() as connection:
+                new = connection.execute(_SELECT_OUTCOMES_AFTER, {"after_seq": self._counted_seq}).all()
+            for _, contestant_a, contestant_b, outcome in new:
+                self._outcome_counts[contestant_a, contestant_b, outcome] += 1
+            if new:
+                self._counted_seq = new[-1].seq
+            counts = self._outcome_counts
+            tally = HeadToHead(first, second)
+            for outcome in OUTCOMES:
+                tally = tally.plus(outcome, counts[first, second, outcome])
+                tally = tally.plus(SWAPPED.get(outcome, outcome), counts[second, first, outcome])
         return tally
 
     def adapter_names(self) -> list[str]:

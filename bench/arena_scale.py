@@ -2,7 +2,8 @@
 
 Each size gets a fresh SQLite vote store, seeded straight into the votes table with votes spread over sessions and
 days the way people cast them (so vote hygiene keeps them), over the registry's contestants: the base, pirate@1 and
-the live pirate@2 (whose parent is pirate@1, so each round checks whether their head-to-head still needs votes).
+the live pirate@2 (whose parent is pirate@1, so each round checks whether their head-to-head still needs votes; at
+both sizes it has enough to decide, so both play the same mix of pairs).
 The arena UI (`build_arena`, queued as `loraflow arena` queues it) runs in this process against a real vLLM server
 and is driven only through its Gradio API with `gradio_client`:
 - new round: submitting a prompt to /ask until the first streamed update, and `Arena.new_round` alone (the pairing
@@ -11,7 +12,8 @@ and is driven only through its Gradio API with `gradio_client`:
 - concurrency: --clients sessions each playing rounds (ask, then vote) for --seconds; rounds/s, and every vote
   acknowledged must be stored exactly once under its session (every tenth vote is clicked twice, as a double click);
 - export: `export_votes_of` in process and `loraflow votes export` as a command, on each store before its arena starts.
-Both sizes run one after the other in one run, on one server, with the same prompts; the ratios compare them.
+Both sizes run one after the other in one run, on one server, with the same prompts; the ratios compare them. The
+load average is printed before and after each size's rounds: other jobs on the machine show in the latencies.
 
     .venv/bin/python bench/arena_scale.py                              # tiny random base, 100 vs 100,000 votes
     .venv/bin/python bench/arena_scale.py --base smollm2-135m --rounds 100 --seconds 60
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -41,6 +44,15 @@ VOTES_PER_SESSION = 100
 SEED_DAYS = 30
 QUEUE_CONCURRENCY = 8  # what `loraflow arena` queues its events with
 DOUBLE_CLICK_EVERY = 10
+# The watch on pirate@2 decides after 10 head-to-head votes, which both sizes have (100 stored: about 25): each round
+# still counts them, but neither size's rounds are all pirate@2 against pirate@1, so both play the same mix of pairs
+# (with the default 10 to 100 votes, 100 stored would pair only the two adapters, 100,000 the base too half the time).
+DECIDED_WATCH_VOTES = 10
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages: other jobs on it show in the latencies."""
+    return " ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def percentile(samples: list[float], share: float) -> float:
@@ -236,6 +248,7 @@ def export_seconds(store, folder: Path) -> tuple[float, float, int]:
 
 def measure_size(stored: int, server, registry, prompts, answers, args, folder: Path) -> dict:
     from loraflow.arena.rounds import Arena, ArenaSettings
+    from loraflow.arena.settings import ALL, GateSettings
     from loraflow.arena.ui import build_arena
     from loraflow.arena.votes import VoteStore
     from loraflow.serve.launcher import free_port
@@ -252,7 +265,11 @@ def measure_size(stored: int, server, registry, prompts, answers, args, folder: 
         flush=True,
     )
     settings = ArenaSettings(
-        names=[NAME], server_url=server.root_url, base_model=server.base_name, max_tokens=args.max_tokens
+        names=[NAME],
+        server_url=server.root_url,
+        base_model=server.base_name,
+        max_tokens=args.max_tokens,
+        gate=GateSettings(min_votes=DECIDED_WATCH_VOTES, max_votes=DECIDED_WATCH_VOTES),
     )
     started = time.perf_counter()
     arena = Arena(settings, registry, store)
@@ -262,10 +279,11 @@ def measure_size(stored: int, server, registry, prompts, answers, args, folder: 
     blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        while (board := arena.latest_board()) is None or board.votes < stored:
-            time.sleep(0.05)  # the first background fit: the UI serves meanwhile, the bench waits for a steady state
+        # The first background fit: the UI serves meanwhile; the bench waits for it, to measure a steady state.
+        assert arena.live_leaderboard.refresh()[ALL].votes == stored
         first_fit_s = time.perf_counter() - started
         print(f"[{stored} stored] seeded in {seeded_s:.1f} s, first leaderboard fit {first_fit_s:.1f} s", flush=True)
+        print(f"[{stored} stored] load average before the rounds: {load_average()}", flush=True)
         timings = sequential(arena, url, prompts, args.rounds)
         for key, samples in timings.items():
             print(f"[{stored} stored] {key:<13} {spread(samples)}", flush=True)
@@ -286,8 +304,9 @@ def measure_size(stored: int, server, registry, prompts, answers, args, folder: 
             print(f"[{stored} stored]   failure: {failure}", flush=True)
     finally:
         blocks.close()
-        arena.live_leaderboard.close()
+        arena.close()
     store.dispose()
+    print(f"[{stored} stored] load average after the rounds: {load_average()}", flush=True)
     return {
         **timings,
         "rounds_per_s": rounds / elapsed,

@@ -48,10 +48,20 @@ printf '\n\033[1m== 10. Hot-swap: the running server now answers "pirate" with t
 ask pirate "What is the capital of Italy?"
 step "11. Leaderboard" loraflow votes leaderboard pirate
 step "12. Before and after, on 40 held-out prompts" loraflow judge pirate@1 pirate@2 --max-tokens 24
-step "13. Rollback is one command; the server answers \"pirate\" with pirate@1 from the next request" \
+step "13. Did fine-tuning beat prompt engineering? A system prompt on the base, published as a contestant" \
+  loraflow registry publish-prompt --name pirate-prompt \
+  --system-prompt "You are a pirate. Begin every answer with the word Arr, then answer the question."
+ask pirate-prompt "What is the capital of Italy?"
+step "14. The adapter against the prompt, on the same 40 held-out prompts" \
+  loraflow judge pirate-prompt pirate@2 --max-tokens 24
+step "15. Rollback is one command; the server answers \"pirate\" with pirate@1 from the next request" \
   loraflow rollback pirate --reason "demo"
 ask pirate "What is the capital of Italy?"
-step "14. Promote it again, and read the lifecycle" loraflow promote pirate@2 --reason "demo: it won the arena"
+step "16. Try pirate@2 again as a canary: half of the \"pirate\" requests" \
+  loraflow promote pirate@2 --canary 50 --reason "demo: a second look"
+for _ in 1 2 3 4 5 6; do ask pirate "What is the capital of Italy?"; done
+step "17. Promote it: the canary ends and every request gets pirate@2; then read the lifecycle" \
+  loraflow promote pirate@2 --reason "demo: it won the arena"
 loraflow registry history pirate
 
 printf '\n\033[1m== The arena\033[0m\n'

@@ -12,7 +12,7 @@ from loraflow.arena.matchmaking import Pairing
 from loraflow.arena.rounds import Arena, ArenaSettings, Round
 from loraflow.arena.votes import RateLimit, RateLimited, VoteStore
 from loraflow.hub.errors import LoraflowError
-from tests.conftest import make_adapter
+from tests.conftest import make_adapter, run_loraflow
 
 
 @pytest.fixture
@@ -20,7 +20,9 @@ def arena(tiny_base, tiny_adapter, registry, tmp_path):
     registry.publish(tiny_adapter, "pirate", base=tiny_base, trainer={"name": "external"})
     store = VoteStore(str(tmp_path / "votes.db"), rate_limit=RateLimit(votes=3, window_s=60))
     # No request reaches this address: these tests never generate.
-    return Arena(ArenaSettings(names=["pirate"], server_url="http://127.0.0.1:9", base_model="tiny"), registry, store)
+    built = Arena(ArenaSettings(names=["pirate"], server_url="http://127.0.0.1:9", base_model="tiny"), registry, store)
+    yield built
+    built.close()
 
 
 def finished_round(pairing=Pairing("pirate@1", "base")) -> Round:
@@ -116,3 +118,68 @@ def test_a_rejected_version_is_never_a_contestant_and_live_stays_in(arena, tiny_
     assert all("pirate@3" not in (r.pairing.a, r.pairing.b) for r in rounds)
     arena.settings.max_versions = 1
     assert arena.contestants() == ["base", "pirate@2", "pirate@1"]  # the live version competes even when older
+
+
+def test_a_prompt_version_is_a_contestant_beside_the_adapters(arena, tiny_base):
+    arena.registry.publish_prompt("Answer like a pirate.", "pirate-prompt", base=tiny_base)
+    arena.settings.names.append("pirate-prompt")
+    assert arena.contestants() == ["base", "pirate@1", "pirate-prompt@1"]
+
+
+def vote_as(arena: Arena, session: str, winner: str, loser: str, number: int) -> None:
+    pairing = Pairing(winner, loser) if number % 2 else Pairing(loser, winner)
+    outcome = "a" if number % 2 else "b"
+    arena.vote(Round(f"{session}-{number}", "p", pairing, ("x", "y")), outcome, f"{session}-{number}")
+
+
+def test_the_arena_page_shows_peoples_and_judges_votes_on_separate_boards(arena):
+    from gradio_client import Client
+
+    from loraflow.arena.judge import judge_session
+    from loraflow.arena.ui import build_arena
+    from loraflow.serve.launcher import free_port
+
+    arena.store.rate_limit = None
+    for number in range(3):
+        vote_as(arena, "guest:person", "pirate@1", "base", number)
+    for number in range(5):
+        vote_as(arena, judge_session("pirate"), "base", "pirate@1", number)
+    arena.live_leaderboard.refresh()  # the page shows the last background fit; wait for one with every vote
+    blocks = build_arena(arena)
+    port = free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        people, _, people_text, judges, _, judges_text, lineage = client.predict(api_name="/leaderboard")
+    finally:
+        blocks.close()
+    counts = {row[0]: row[6:] for row in people["data"]}  # votes, wins, losses, draws
+    assert counts == {"pirate@1": [3, 3, 0, 0], "base": [3, 0, 3, 0]}
+    assert [row[0] for row in people["data"]] == ["pirate@1", "base"]
+    assert "from 3 people's votes" in people_text and "judges' votes are rated apart" in people_text
+    counts = {row[0]: row[6:] for row in judges["data"]}
+    assert counts == {"base": [5, 5, 0, 0], "pirate@1": [5, 0, 5, 0]}
+    assert "from 5 judges' votes" in judges_text
+    assert lineage == "pirate@1"
+
+
+def test_votes_leaderboard_prints_peoples_and_judges_boards_apart(arena, registry):
+    from loraflow.arena.judge import judge_session
+
+    arena.store.rate_limit = None
+    for number in range(4):
+        vote_as(arena, "guest:person", "pirate@1", "base", number)
+    for number in range(2):
+        vote_as(arena, judge_session("pirate"), "base", "pirate@1", number)
+    command = ["--registry", str(registry.path), "votes", "leaderboard", "pirate", "--votes", arena.store.url]
+    both = run_loraflow(*command).stdout
+    assert both.index("people's board (--voters human): 4 votes") < both.index("judges' board (--voters ai): 2 votes")
+    people, judges = both.split("judges' board")
+    assert "4/0/0" in people and "0/4/0" in people and "2/0/0" in judges and "0/2/0" in judges
+    everyone = run_loraflow(*command, "--voters", "all").stdout
+    assert "everyone's board (--voters all): 6 votes" in everyone and "people's" not in everyone
+    assert "2/4/0" in everyone and "4/2/0" in everyone
+    judges_only = run_loraflow(*command, "--voters", "ai").stdout
+    assert "judges' board (--voters ai): 2 votes" in judges_only and "people's" not in judges_only
+    wrong = run_loraflow(*command, "--voters", "robots", check=False)
+    assert wrong.returncode == 2 and "--voters robots: give human, ai or all" in wrong.stderr

@@ -1,18 +1,23 @@
-"""Ratings math on constructed vote sets, and the matchmaking policy."""
+"""Ratings math on constructed vote sets, people's and judges' boards, the background refit, and the matchmaking
+policy."""
 
 from __future__ import annotations
 
 import random
+import resource
 import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from sqlalchemy import insert
 
+from loraflow.arena.judge import judge_session
 from loraflow.arena.matchmaking import choose_pair
 from loraflow.arena.ratings import (
     ELO_START,
     SCALE,
+    LeaderboardFit,
     LiveLeaderboard,
     Match,
     Ratings,
@@ -25,7 +30,9 @@ from loraflow.arena.ratings import (
     style_counts,
     win_probability,
 )
-from loraflow.arena.votes import HeadToHead, Vote
+from loraflow.arena.settings import AI, ALL, HUMAN, HygieneSettings
+from loraflow.arena.votes import HeadToHead, Vote, VoteRow, VoteStore
+from loraflow.hub.errors import LoraflowError
 
 
 def votes_from(results: list[tuple[str, str, str]]) -> list[Vote]:
@@ -159,7 +166,7 @@ def test_incremental_ratings_equal_a_full_refit():
     assert board.elo_series == full.elo_series
 
 
-def test_live_leaderboard_reads_only_new_votes_and_refits_in_the_background():
+def test_leaderboard_fit_reads_only_new_votes_and_refits_only_after_some():
     stored = votes_from([("a", "b", "a"), ("b", "c", "tie"), ("a", "c", "a")])
     reads = []
 
@@ -167,18 +174,136 @@ def test_live_leaderboard_reads_only_new_votes_and_refits_in_the_background():
         reads.append(after_seq)
         return [v for v in stored if v.seq > after_seq]
 
-    live = LiveLeaderboard(read_votes, poll_s=0.05)
+    fit = LeaderboardFit(read_votes)
+    first = fit.refresh()
+    assert first[ALL].votes == 3 and first.seen_seq == 3 and reads == [0]
+    assert fit.refresh() is first and reads == [0, 3]  # nothing new: the same fit, no refit
+    stored.append(Vote("v9", "s", "p", "x", "y", "c", "a", "a", seq=4))
+    assert fit.refresh()[ALL].votes == 4 and reads == [0, 3, 3]
+
+
+def seed(store: VoteStore, count: int, judge_every: int = 0) -> None:
+    """`count` votes straight into the table, a few minutes apart per session (as people vote, so hygiene keeps
+    them), `a@1` winning 70% of its votes against `b@1`; every `judge_every`-th vote a judge's."""
+    rng = random.Random(count)
+    rows = []
+    for number in range(count):
+        judged = judge_every and number % judge_every == 0
+        session = judge_session("pirate", number) if judged else f"guest:seeded-{number % 200}"
+        a, b = ("a@1", "b@1") if rng.random() < 0.5 else ("b@1", "a@1")
+        won = rng.random() < 0.7
+        outcome = "a" if won == (a == "a@1") else "b"
+        answers = {"answer_a": f"answer {rng.random()}", "answer_b": f"another answer {rng.random()}"}
+        created = 1.7e9 + (number // 200) * 300.0 + number % 200
+        row = {"vote_id": f"v{number}", "created": created, "session_id": session, "prompt": "p"}
+        rows.append(row | answers | {"contestant_a": a, "contestant_b": b, "outcome": outcome})
+    with store.engine.begin() as connection:
+        connection.execute(insert(VoteRow.__table__), rows)
+
+
+def test_live_leaderboard_refits_in_its_own_process_and_refresh_includes_every_vote(tmp_path):
+    store = VoteStore(str(tmp_path / "votes.db"), rate_limit=None)
+    seed(store, 20_000)
+    live = LiveLeaderboard(store.url, poll_s=0.05, hygiene=HygieneSettings())
     try:
-        assert live.refresh().votes == 3 and reads == [0]
-        stored.append(Vote("v9", "s", "p", "x", "y", "c", "a", "a", seq=4))
+        assert live.latest(ALL) is None  # the first fit is under way in the other process; nothing is computed here
+        cpu_before, children_before = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        boards = live.refresh()
+        cpu_here = time.process_time() - cpu_before
+        assert boards[ALL].votes == boards[HUMAN].votes == 20_000 and boards[AI].votes == 0
+        assert live.latest(HUMAN) is boards[HUMAN]
+        store.record(Vote("late", "guest:late", "p", "x", "y", "b@1", "a@1", "a"))
         live.wake()
-        deadline = time.monotonic() + 10
-        while (live.latest() is None or live.latest().votes < 4) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert live.latest().votes == 4 and live.latest().last_seq == 4
-        assert set(reads[1:]) <= {3, 4}  # every later read starts after the newest vote seen
+        deadline = time.monotonic() + 60
+        while live.latest(ALL).votes < 20_001 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the background refit after a wake; polled, with a deadline
+        assert live.latest(ALL).votes == 20_001 and live.latest(ALL).last_seq == 20_001
     finally:
         live.close()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_there = children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
+    # Screening and fitting 20,000 votes cost the other process CPU time; this one only waited for the result.
+    assert cpu_there > 0.5 and cpu_here < 0.1 * cpu_there, (cpu_here, cpu_there)
+
+
+def test_live_leaderboard_refresh_reports_a_store_it_cannot_read(tmp_path):
+    store = VoteStore(str(tmp_path / "votes.db"), rate_limit=None)
+    live = LiveLeaderboard(store.url, poll_s=0.05)
+    (tmp_path / "votes.db").unlink()  # the process opens the store as a reader: a missing database ends it
+    try:
+        with pytest.raises(LoraflowError, match="its process exited"):
+            live.refresh(timeout_s=120)
+    finally:
+        live.close()
+
+
+def test_live_leaderboard_starts_its_process_again_after_it_was_killed(tmp_path):
+    store = VoteStore(str(tmp_path / "votes.db"), rate_limit=None)
+    store.record(Vote("first", "guest:a", "p", "x", "y", "a@1", "b@1", "a"))
+    live = LiveLeaderboard(store.url, poll_s=0.05, restart_after_s=0.0)
+    try:
+        assert live.refresh()[HUMAN].votes == 1
+        killed = live._process
+        killed.kill()
+        killed.wait()
+        store.record(Vote("second", "guest:b", "p", "x", "y", "b@1", "a@1", "a"))
+        deadline = time.monotonic() + 60
+        while True:  # the arena's side notices the closed pipe; a refresh then starts a new process
+            try:
+                boards = live.refresh(timeout_s=60)
+                break
+            except LoraflowError:
+                assert time.monotonic() < deadline
+        assert boards[HUMAN].votes == 2 and live._process is not killed
+        assert live.latest(HUMAN) is boards[HUMAN]
+    finally:
+        live.close()
+
+
+def people_and_a_judge(judge_votes: int) -> list[Vote]:
+    """People: `good@1` beats `bad@1` 3 times in 4, in 200 votes; a judge: `bad@1` wins every one of its votes."""
+    people = [("good@1", "bad@1", "a" if i % 4 else "b") for i in range(200)]
+    votes = [replace(v, session_id=f"guest:{i}") for i, v in enumerate(votes_from(people))]
+    for number in range(judge_votes):
+        seq = len(votes) + 1
+        votes.append(
+            Vote(f"j{number}", judge_session("pirate", number), "p", "x", "y", "good@1", "bad@1", "b", seq=seq)
+        )
+    return votes
+
+
+def test_judges_votes_are_rated_apart_and_never_move_the_peoples_board():
+    votes = people_and_a_judge(judge_votes=1000)
+    people = [v for v in votes if not v.session_id.startswith("judge-")]
+    boards = LeaderboardFit(lambda after_seq=0: [v for v in votes if v.seq > after_seq]).refresh()
+    human, ai, everyone = boards[HUMAN], boards[AI], boards[ALL]
+    assert (human.voters, ai.voters, everyone.voters) == (HUMAN, AI, ALL)
+    assert (human.votes, ai.votes, everyone.votes) == (200, 1000, 1200)
+    alone = Ratings().add(people).fit()
+    assert [(r.contestant, r.votes, r.wins) for r in human.ratings] == [("good@1", 200, 150), ("bad@1", 200, 50)]
+    for mine, theirs in zip(human.ratings, alone.ratings):
+        assert mine.bt == pytest.approx(theirs.bt) and mine.style_bt == pytest.approx(theirs.style_bt)
+    assert [r.contestant for r in ai.ratings] == ["bad@1", "good@1"] and ai.ratings[0].wins == 1000
+    assert [r.contestant for r in everyone.ratings] == ["bad@1", "good@1"]  # mixed, the judge would outvote people
+    assert human.ratings[0].bt_low > human.ratings[1].bt_high
+
+
+def test_each_board_counts_what_hygiene_left_out_of_its_own_votes():
+    votes = people_and_a_judge(judge_votes=3)
+    # One person's answer and one judged answer name their models: identity leaks, one on each board.
+    votes[0] = replace(votes[0], answer_a="I am good@1.")
+    votes[-1] = replace(votes[-1], answer_b="bad@1 here.")
+    votes = [replace(v, created=1.7e9 + 60.0 * v.seq) for v in votes]  # a person's pace, so nothing else is left out
+    fit = LeaderboardFit(lambda after_seq=0: [v for v in votes if v.seq > after_seq], HygieneSettings(), voters=[AI])
+    boards = fit.refresh()
+    assert boards[AI].excluded == {"identity leak": 1} and boards[AI].votes == 2
+    with pytest.raises(KeyError):
+        boards[HUMAN]  # only the boards asked for are fitted
+    boards = LeaderboardFit(lambda after_seq=0: votes, HygieneSettings(), voters=[HUMAN, ALL]).refresh()
+    assert boards[HUMAN].excluded == {"identity leak": 1} and boards[HUMAN].votes == 199
+    assert boards[ALL].excluded == {"identity leak": 2} and boards[ALL].votes == 201
+    with pytest.raises(LoraflowError, match="--voters robots: give human, ai or all"):
+        LeaderboardFit(lambda after_seq=0: votes, voters=["robots"])
 
 
 def test_elo_history_follows_every_vote_and_the_plot_is_written(tmp_path):

@@ -98,6 +98,29 @@ def test_two_samples_of_one_version_are_a_vote_and_between_finds_head_to_head_vo
     assert store.head_to_head("pirate@1", "pirate@1").games == 0
 
 
+def test_head_to_head_counts_each_vote_once_reading_only_the_votes_stored_since(any_store):
+    other = VoteStore(any_store.url, rate_limit=None)  # another writer: a second arena instance, or the simulator
+    reads = []
+
+    @event.listens_for(any_store.engine, "before_cursor_execute")
+    def _read(connection, cursor, statement, parameters, context, executemany):
+        if "seq >" in statement:
+            reads.append(list(parameters.values() if isinstance(parameters, dict) else parameters))
+
+    pairs = [("pirate@2", "pirate@1", "a"), ("pirate@1", "pirate@2", "a"), ("pirate@2", "base", "b")]
+    pairs += [("pirate@1", "pirate@2", "both_bad"), ("pirate@2", "pirate@1", "tie"), ("pirate@1", "pirate@1", "a")]
+    for number, (a, b, outcome) in enumerate(pairs * 3):
+        (any_store if number % 2 else other).record(make_vote(outcome, a=a, b=b))
+        stored = any_store.votes()
+        for first, second in (("pirate@2", "pirate@1"), ("pirate@1", "pirate@2")):
+            assert any_store.head_to_head(first, second) == HeadToHead.of(stored, first, second)
+    final = any_store.head_to_head("pirate@2", "pirate@1")
+    assert (final.wins, final.losses, final.draws) == (3, 3, 6)  # per round of pairs: a win, a loss, two draws
+    counting = [params for params in reads if len(params) == 1]
+    assert counting[0] == [0] and counting[-1] == [len(pairs) * 3]  # the first call counts all; later ones the new
+    assert any_store.head_to_head("pirate@1", "pirate@1").games == 0
+
+
 def test_rate_limit_is_per_session(tmp_path):
     limited = VoteStore(str(tmp_path / "votes.db"), rate_limit=RateLimit(votes=3, window_s=60))
     kept = [make_vote(session="eager") for _ in range(3)]
