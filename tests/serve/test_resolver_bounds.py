@@ -39,6 +39,9 @@ class Snapshot:
         name, _, number = model.partition("@")
         return SimpleNamespace(ref=model, name=name, version=int(number), kind="adapter")
 
+    def canary(self, name: str):
+        return None  # no canary runs here
+
 
 class View:
     """A registry view whose folders are empty directories in its store."""
