@@ -290,7 +290,8 @@ def rollback(
     and keep the live one); servers switch with no restart (and a running `loraflow serve --replicas` fleet before
     this returns)."""
     registry = registry_from(ctx)
-    canary = registry.snapshot().canary(name) if registry.snapshot().has(name) else None
+    snapshot = registry.snapshot()
+    canary = snapshot.canary(name) if snapshot.has(name) else None
     before = canary.version if canary else registry.live(name)
     version = registry.rollback(name, actor="rollback", reason=reason)
     console.print(f"[green]{name}[/] → {version.ref} (live); {before.ref if before else '?'} rejected")
@@ -430,13 +431,21 @@ def build_cli():
     return command
 
 
+# Typer vendors its own click, whose usage errors (a value out of range, a file that does not exist) do not derive
+# from the installed click's ClickException; catch both.
+CLICK_ERRORS = (
+    click.ClickException,
+    next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "ClickException"),
+)
+
+
 def main() -> None:
     command = build_cli()
     try:
         command.main(prog_name="loraflow", standalone_mode=False)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except click.ClickException as error:
+    except CLICK_ERRORS as error:  # a bad option value or a missing argument: click's one-line usage error
         error.show()
         sys.exit(error.exit_code)
     except click.exceptions.Abort:

@@ -149,3 +149,16 @@ def test_a_prompt_is_not_pushed_to_the_hub_as_an_adapter(registry, tiny_base):
     registry.publish_prompt("Be brief.", "brief", base=tiny_base)
     with pytest.raises(LoraflowError, match="brief@1 is a prompt .* the Hub takes adapter folders"):
         push_to_hub(registry, "brief", "org/brief", endpoint="http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (("promote", "x@2", "--canary", "150"), "Invalid value for '--canary'"),
+        (("registry", "publish-prompt", "--name", "x", "--from-file", "nope.txt"), "'nope.txt' does not exist"),
+    ],
+)
+def test_a_bad_option_value_is_a_usage_error_not_a_traceback(tmp_path, args, why):
+    result = run_loraflow("--registry", tmp_path / "registry.json", *args, check=False)
+    assert result.returncode == 2 and why in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], "a refused command leaves nothing behind"
