@@ -4,9 +4,13 @@
   requests to it over HTTP, streaming the answer back. A replica holds adapter versions through Ray Serve model
   multiplexing (`@serve.multiplexed`), keyed on the pinned NAME@V; holding one means vLLM has loaded it.
 - `FleetIngress`: the one place that resolves a client's NAME or NAME@ALIAS, against the registry, to NAME@V.
-  It rewrites the request to that version and sends it with `multiplexed_model_id=NAME@V`, so Ray Serve's router
-  prefers a replica that already holds that version, and a promote changes the key from the next request on.
-  Base-model requests carry no key and spread over all replicas.
+  It rewrites the request to that version and sends it with NAME@V as its Ray Serve session, and Ray's
+  consistent-hash router sends every request of one session to the same replica, the one that loaded it first.
+  The replica that owns a version is a function of the version and the set of replicas alone, so affinity does not
+  wait for the replicas' multiplexing reports to reach the router. Different versions fall on different replicas;
+  one replica at its `max_ongoing_requests` passes the rest of its versions' requests to the next replica on the
+  ring. A promote changes the key from the next request on. Base-model requests carry no key and spread over all
+  replicas.
 - Every answer names its version (`x-loraflow-version`, and the body's `model` field) and its replica
   (`x-loraflow-replica`). `GET /v1/loraflow/fleet` reports the registry revision the ingress and each replica have
   applied, what each NAME serves, and what each replica holds; `loraflow.serve.fleet_ack` waits on it.
@@ -18,9 +22,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 
 import httpx
@@ -29,6 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.config import RequestRouterConfig
 
 from loraflow.serve.fleet_ack import FLEET_STATUS_ROUTE
 from loraflow.serve.metrics import merge_expositions
@@ -38,10 +45,27 @@ logger = logging.getLogger("loraflow.fleet")
 REPLICA_HEADER = "x-loraflow-replica"
 # Headers a client sends that vLLM needs; hop-by-hop and length headers are the proxies' business.
 FORWARDED_HEADERS = ("authorization", "content-type", "accept")
-# A request whose replica died before answering is sent again, at most this many times in all.
+# A request whose replica died before answering is sent again, at most this many times in all, after a pause that
+# doubles from RESEND_PAUSE_S, so that Ray's router has seen the replica go before the request is routed again.
 SEND_ATTEMPTS = 4
+RESEND_PAUSE_S = 0.25
+# How long a replica whose connection to vLLM failed waits to see whether vLLM exited.
+ENGINE_EXIT_WAIT_S = 2.0
 # vLLM batches many requests at once; Ray Serve's default (5) would queue them in front of the engine instead.
 MAX_ONGOING_REQUESTS = 256
+# Ray's consistent-hash router: experimental in ray 2.60, which pyproject pins for this reason. Each version is
+# tried on its own replica, then on the next two on the ring when that one is full or gone.
+CONSISTENT_HASH = RequestRouterConfig(
+    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+    request_router_kwargs={"num_fallback_replicas": 2},
+)
+# The router asks a replica for its queue length before sending, within 0.1 s by default, and counts a late answer
+# as a full queue, which sends the request to the next replica. On a CPU box where vLLM takes every core an answer
+# can be late without anything being wrong, so the ingress, where the router runs, waits longer.
+ROUTER_ENV = {
+    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0",
+    "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0",
+}
 app = FastAPI(title="loraflow fleet")
 
 
@@ -61,6 +85,7 @@ class ResponseStart:
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.1},
     max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    request_router_config=CONSISTENT_HASH,
     health_check_period_s=2,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=30,
@@ -94,7 +119,7 @@ class VLLMReplica:
             try:
                 await self.client.post("/tokenize", json={"model": ref, "prompt": " "}, headers=headers)
             except httpx.TransportError:
-                self._exit_if_engine_died()
+                await self._exit_if_engine_died()
         self.held.add(ref)
         return HeldVersion(ref, self.held)
 
@@ -107,14 +132,14 @@ class VLLMReplica:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TransportError as error:
-            self._exit_if_engine_died()
+            await self._exit_if_engine_died()
             raise VLLMUnavailable(f"replica {self.replica}: vLLM did not answer ({error!r})") from None
         try:
             yield ResponseStart(response.status_code, response.headers.get("content-type", ""), self.replica)
             async for chunk in response.aiter_raw():
                 yield chunk
         except httpx.TransportError as error:
-            self._exit_if_engine_died()
+            await self._exit_if_engine_died()
             raise VLLMUnavailable(f"replica {self.replica}: vLLM stopped mid-answer ({error!r})") from None
         finally:
             await response.aclose()
@@ -142,11 +167,14 @@ class VLLMReplica:
         if response.status_code != 200:
             raise RuntimeError(f"vLLM's /health answered {response.status_code}; see {self.server.log_path}")
 
-    def _exit_if_engine_died(self) -> None:
+    async def _exit_if_engine_died(self) -> None:
         """Without vLLM this replica can serve nothing: exit, so Ray's router drops it and Ray starts a new one
-        now rather than at the next health check."""
-        if self.server.process.poll() is None:
-            return
+        now rather than at the next health check. A refused connection comes a moment before the engine's exit
+        can be seen, so wait that moment."""
+        try:
+            await asyncio.to_thread(self.server.process.wait, ENGINE_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            return  # vLLM runs: the failure was the connection's
         logger.error(
             "replica %s: vLLM exited with code %s; exiting so Ray replaces this replica (log: %s)",
             self.replica,
@@ -174,7 +202,10 @@ class HeldVersion:
             self.ref = None
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=MAX_ONGOING_REQUESTS)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": ROUTER_ENV}},
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+)
 @serve.ingress(app)
 class FleetIngress:
     def __init__(self, replicas, registry: str, base_name: str, api_key: str | None, replica_count: int):
@@ -231,15 +262,24 @@ class FleetIngress:
     async def _forward(self, request: Request, path: str) -> Response:
         body = await request.body()
         headers = {name: value for name, value in request.headers.items() if name in FORWARDED_HEADERS}
-        ref, body = self._pin(body)
-        handle = self.replicas.options(stream=True, multiplexed_model_id=ref or "")
         for attempt in range(1, SEND_ATTEMPTS + 1):
-            answer = handle.forward.remote(request.method, path, body, headers)
+            ref, pinned = self._pin(body)
+            # The session routes by version; the multiplexed id tells the replica which version it now holds.
+            handle = self.replicas.options(stream=True, multiplexed_model_id=ref or "", session_id=ref or "")
+            answer = handle.forward.remote(request.method, path, pinned, headers)
             try:
                 start = await answer.__anext__()
             except (VLLMUnavailable, RayActorError, ActorUnavailableError) as error:
                 logger.warning("attempt %d of %d failed before any answer: %s", attempt, SEND_ATTEMPTS, error)
                 last_error = error
+                if attempt < SEND_ATTEMPTS:
+                    await asyncio.sleep(RESEND_PAUSE_S * 2 ** (attempt - 1))
+                continue
+            if start.status == 404 and ref is not None and self.registry.snapshot().find(ref) is None:
+                # The version left the registry while the request was on its way: pin the request again, to the
+                # version NAME means now (or, for a client that named that version, to vLLM's own 404).
+                answer.cancel()
+                last_error = f"{ref} left the registry"
                 continue
             response_headers = {REPLICA_HEADER: start.replica}
             if start.status < 400:

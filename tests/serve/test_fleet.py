@@ -150,11 +150,11 @@ def test_requests_for_one_version_stay_on_the_replica_that_holds_it(fleet, clien
         assert len(replicas) == 1, f"{ref} was answered by {replicas}"
         holders = [replica["replica"] for replica in status(fleet)["replicas"] if ref in replica["holds"]]
         assert holders == list(replicas), f"{ref} is held by {holders}, answered by {replicas}"
-    # NAME is routed as the version it means: to replicas holding pirate@2 (earlier tests may have loaded it on both,
-    # and then Ray spreads a hot version over them).
+    # NAME is routed as the version it means: to the replica holding pirate@2.
     answers = [complete(client, "pirate") for _ in range(4)]
     holders = {replica["replica"] for replica in status(fleet)["replicas"] if "pirate@2" in replica["holds"]}
-    assert {answer[1] for answer in answers} == {"pirate@2"} and {answer[2] for answer in answers} <= holders
+    assert {answer[1] for answer in answers} == {"pirate@2"} and len({answer[2] for answer in answers}) == 1
+    assert {answer[2] for answer in answers} <= holders
 
 
 def scrape(fleet) -> tuple[str, dict[tuple[str, str, str], float]]:
