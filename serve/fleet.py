@@ -53,9 +53,13 @@ class Fleet:
         return self.root_url + "/v1"
 
     def status(self) -> dict:
-        """GET /v1/loraflow/fleet: the ingress, each replica, what each NAME serves; remembers the vLLM pids."""
+        """GET /v1/loraflow/fleet: the ingress, each replica, what each NAME serves; remembers the pids of the vLLM
+        servers on this machine (on a cluster, a pid on another node means another process here)."""
+        import ray
+
         status = fleet_status(self.root_url, self.api_key)
-        self.vllm_pids |= {replica["vllm_pid"] for replica in status["replicas"]}
+        here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        self.vllm_pids |= {replica["vllm_pid"] for replica in status["replicas"] if replica.get("node") == here}
         return status
 
     def stop(self) -> None:
@@ -118,7 +122,7 @@ def start_fleet(
     temp_dir = None
     if not ray.is_initialized():
         if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
+            join_cluster(ray_address)
         else:
             temp_dir = Path(tempfile.mkdtemp(prefix="loraflow-ray-"))  # sessions and logs, removed by stop()
             ray.init(
@@ -160,6 +164,22 @@ def start_fleet(
     if not is_registry_url(location):
         fleet.record = write_fleet_record(location, FleetRecord(fleet.root_url, os.getpid(), replicas))
     return fleet
+
+
+def join_cluster(address: str) -> None:
+    """Connect to the Ray cluster at `address`, or say what to check."""
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as error:
+        token = "set" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else "not set"
+        raise LoraflowError(
+            f"--ray-address {address}: could not join the Ray cluster there ({error}). Check that `ray start --head` "
+            "runs at that address. A cluster started with token authentication (Ray's default once a token exists) "
+            "refuses clients without its token: set RAY_AUTH_MODE=token here, with the cluster's token in "
+            f"RAY_AUTH_TOKEN or ~/.ray/auth_token (RAY_AUTH_MODE=token is {token} in this shell)."
+        ) from None
 
 
 def write_fleet_record(registry: str, record: FleetRecord) -> Path:

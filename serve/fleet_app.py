@@ -30,6 +30,7 @@ import subprocess
 from dataclasses import dataclass
 
 import httpx
+import ray
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the routes' annotations from here
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -96,7 +97,7 @@ class VLLMReplica:
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.registry = open_registry_view(registry)
-        self.server = start_server(registry, base, replica=self.replica, **launcher_settings)
+        self.server = start_server(registry, base, replica=self.replica, die_with_parent=True, **launcher_settings)
         self.server.wait_ready(ready_timeout_s)
         self.api_key = self.server.settings.api_key
         self.client = httpx.AsyncClient(base_url=self.server.root_url, timeout=httpx.Timeout(None, connect=10))
@@ -156,7 +157,9 @@ class VLLMReplica:
             "revision": self.registry.snapshot().revision,
             "holds": sorted(self.held),
             "vllm_pid": self.server.process.pid,
+            "pid": os.getpid(),
             "vllm_log": str(self.server.log_path),
+            "node": ray.get_runtime_context().get_node_id(),  # the Ray node whose machine runs that pid
         }
 
     async def check_health(self) -> None:

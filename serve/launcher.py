@@ -103,6 +103,7 @@ class ServerSettings:
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     replica: str | None = None  # the `replica` label of its metrics; None: HOST:PORT
+    die_with_parent: bool = False  # vLLM ends when the process that started it ends (a fleet replica's)
 
     def resolved_quantization(self) -> str | None:
         if self.quantization == "none":
@@ -123,7 +124,10 @@ class ServerSettings:
         return self.max_lora_rank or lora_rank_for(open_registry_view(self.registry, poll_s=0).snapshot().max_rank())
 
     def command(self) -> list[str]:
-        command = [
+        guard = (
+            [sys.executable, "-m", "loraflow.serve.die_with_parent", str(os.getpid())] if self.die_with_parent else []
+        )
+        command = guard + [
             sys.executable,
             "-m",
             "vllm.entrypoints.openai.api_server",

@@ -1,17 +1,19 @@
 """A faster multi-LoRA path for vLLM on the CPU, installed by the `loraflow.serve.resolver` plugin in every worker.
 
-vLLM's CPU punica ops gather every token's full LoRA matrices (`weights[indices]`) and run an einsum
-per q/k/v slice, and compute the slot at index -1 for tokens that use no adapter. This wrapper plans
-the tokens by adapter once per step (the index tensor is reused by every layer), runs two batched
-matmuls over the adapters in use (one shrink for all output slices, one expand per slice), with the weights
-converted to fp32 once per load rather than once per layer and step, skips base-model tokens, and skips slices whose
-weights are zero in every slot in use (k_proj when adapters target q/v; lm_head, almost always), and whole
-modules before gathering any token when no slice is in use (vLLM wraps every module it supports).
+vLLM's CPU punica ops gather every token's full LoRA matrices (`weights[indices]`) and run an einsum per q/k/v
+slice, and compute the slot at index -1 for tokens that use no adapter. This wrapper plans the tokens by adapter
+once per step (the index tensor is reused by every layer), runs two batched matmuls over the adapters in use (one
+shrink for all output slices, one expand per slice), with the weights converted to fp32 once per load rather than
+once per layer and step, and skips base-model tokens. Each module computes only the slots whose adapters target
+it, at the largest of their ranks rather than the server's --max-lora-rank (a rank-8 q/v adapter costs nothing in
+the MLP, even beside a rank-64 one that targets it); it skips slices that no adapter in use targets (k_proj when
+adapters target q/v; lm_head, almost always), and whole modules before gathering any token (vLLM wraps every
+module it supports).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
@@ -26,10 +28,29 @@ class TokenPlan:
 
     slots: list[int]
     single: bool = False  # every token uses slots[0]: no gather, no scatter
-    gather: torch.Tensor | None = None  # [groups * longest] token rows, padded with row 0
+    gather: torch.Tensor | None = None  # [groups * longest] token rows, each group's first, padded with row 0
     valid: torch.Tensor | None = None  # which padded rows are real tokens
     dest: torch.Tensor | None = None  # the token row each real padded row adds to
     longest: int = 0
+    real: torch.Tensor | None = None  # [groups, longest]: which padded rows are real tokens
+    subsets: dict = field(default_factory=dict)  # the plans for some of the slots, made by `subset`
+
+    def subset(self, slots: list[int]) -> "TokenPlan":
+        """This plan for the tokens of `slots` only (the slots whose adapters target a module)."""
+        if slots == self.slots:
+            return self
+        key = tuple(slots)
+        if key not in self.subsets:
+            groups = torch.tensor([self.slots.index(slot) for slot in slots])
+            real = self.real[groups]
+            longest = int(real.sum(1).max())
+            real = real[:, :longest]  # each group's rows come first
+            gather = self.gather.view(len(self.slots), self.longest)[groups, :longest].flatten()
+            flat = real.flatten()
+            self.subsets[key] = TokenPlan(
+                slots, gather=gather, valid=flat.nonzero().flatten(), dest=gather[flat], longest=longest, real=real
+            )
+        return self.subsets[key]
 
 
 def plan_tokens(indices: torch.Tensor) -> TokenPlan:
@@ -42,12 +63,29 @@ def plan_tokens(indices: torch.Tensor) -> TokenPlan:
     members = [(indices == slot).nonzero().flatten() for slot in slots]
     longest = max(len(rows) for rows in members)
     gather = torch.zeros(len(slots), longest, dtype=torch.long)
-    valid = torch.zeros(len(slots), longest, dtype=torch.bool)
+    real = torch.zeros(len(slots), longest, dtype=torch.bool)
     for group, rows in enumerate(members):
         gather[group, : len(rows)] = rows
-        valid[group, : len(rows)] = True
-    gather, valid = gather.flatten(), valid.flatten()
-    return TokenPlan(slots, gather=gather, valid=valid.nonzero().flatten(), dest=gather[valid], longest=longest)
+        real[group, : len(rows)] = True
+    flat_gather, flat_real = gather.flatten(), real.flatten()
+    return TokenPlan(
+        slots,
+        gather=flat_gather,
+        valid=flat_real.nonzero().flatten(),
+        dest=flat_gather[flat_real],
+        longest=longest,
+        real=real,
+    )
+
+
+def slot_ranks(lora_a: torch.Tensor, lora_b: torch.Tensor) -> list[int]:
+    """Per slot, the rank its adapter has in this slice: vLLM writes an adapter's A into the first r rows of its
+    slot and zeros the rest (the stacked tensors have the server's --max-lora-rank). 0 where the slot's B is all
+    zeros: no adapter there, or one that does not target this module (lm_head, almost always)."""
+    rows = lora_a.flatten(0, -3).any(-1)  # [slots, max rank]: which rows of A hold anything
+    ranks = (rows * torch.arange(1, rows.shape[1] + 1)).amax(1)
+    has_b = lora_b.flatten(1).any(1)
+    return [rank if b else 0 for rank, b in zip(ranks.tolist(), has_b.tolist())]
 
 
 def _matrices(stacked: torch.Tensor, slots: list[int]) -> torch.Tensor:
@@ -65,19 +103,20 @@ def _matrices(stacked: torch.Tensor, slots: list[int]) -> torch.Tensor:
 
 @dataclass
 class SliceWeights:
-    """One module's LoRA weights for the slots in use, as bmm wants them: the A matrices of every slice in use side
-    by side (the slices read the same input, so one shrink serves them all), and each such slice's B."""
+    """One module's LoRA weights for the slots whose adapters target it, as bmm wants them: the A matrices of every
+    slice in use side by side (the slices read the same input, so one shrink serves them all), and each such
+    slice's B, each cut to the largest rank among those slots instead of the server's --max-lora-rank."""
 
     shrink: torch.Tensor  # [slots, in, sum of the used slices' ranks], fp32
-    ranks: list[int]
+    ranks: list[int]  # per slice; 0 for a slice no adapter in these slots targets
     expand: list[torch.Tensor]  # per used slice: [slots, rank, out], fp32
 
 
-def slice_weights(lora_a: tuple, lora_b: tuple, used: list[bool], slots: list[int]) -> SliceWeights:
-    shrink = [_matrices(a, slots) for a, in_use in zip(lora_a, used) if in_use]
-    expand = [_matrices(b, slots) for b, in_use in zip(lora_b, used) if in_use]
-    joined = shrink[0] if len(shrink) == 1 else torch.cat(shrink, dim=2)
-    return SliceWeights(joined, [m.shape[2] for m in shrink], expand)
+def slice_weights(lora_a: tuple, lora_b: tuple, ranks: list[int], slots: list[int]) -> SliceWeights:
+    shrink = [_matrices(a, slots)[:, :, :rank] for a, rank in zip(lora_a, ranks) if rank]
+    expand = [_matrices(b, slots)[:, :rank, :] for b, rank in zip(lora_b, ranks) if rank]
+    joined = shrink[0].contiguous() if len(shrink) == 1 else torch.cat(shrink, dim=2)
+    return SliceWeights(joined, ranks, [b.contiguous() for b in expand])
 
 
 def add_grouped_lora(
@@ -88,28 +127,30 @@ def add_grouped_lora(
     scale: float,
     output_slices: tuple[int, ...],
     plan: TokenPlan,
-    slice_used=lambda b, slots: True,
+    ranks_of=slot_ranks,
     weights_for=slice_weights,
 ) -> None:
     """y[:, slice] += (x @ A[slot].T * scale) @ B[slot].T per token's adapter: one batched shrink for every slice in
-    use, then one batched expand per slice."""
+    use, then one batched expand per slice, over the slots whose adapters target this module, at their rank."""
     if not plan.slots:
         return
-    used = [slice_used(b, plan.slots) for b in lora_b]
-    if not any(used):  # a module no adapter in this step targets (vLLM wraps every supported one): no gather
+    per_slice = [ranks_of(a, b) for a, b in zip(lora_a, lora_b)]
+    slots = [slot for slot in plan.slots if any(ranks[slot] for ranks in per_slice)]
+    if not slots:  # a module no adapter in this step targets (vLLM wraps every supported one): no gather
         return
+    plan = plan.subset(slots)
+    ranks = [max(slice_ranks[slot] for slot in slots) for slice_ranks in per_slice]
     if plan.single:
         tokens = x.float().unsqueeze(0)
     else:
-        tokens = x.index_select(0, plan.gather).float().view(len(plan.slots), plan.longest, -1)
-    weights = weights_for(lora_a, lora_b, used, plan.slots)
+        tokens = x.index_select(0, plan.gather).float().view(len(slots), plan.longest, -1)
+    weights = weights_for(lora_a, lora_b, ranks, slots)
     shrunk = torch.bmm(tokens, weights.shrink).mul_(scale)
     offset = start = 0
-    expand = iter(zip(weights.ranks, weights.expand))
-    for size, slice_in_use in zip(output_slices, used):
-        if slice_in_use:
-            rank, b = next(expand)
-            delta = torch.bmm(shrunk[:, :, start : start + rank], b)
+    expand = iter(weights.expand)
+    for size, rank in zip(output_slices, ranks):
+        if rank:
+            delta = torch.bmm(shrunk[:, :, start : start + rank], next(expand))
             start += rank
             width = min(size, delta.shape[-1], y.shape[1] - offset)
             target = y[:, offset : offset + width]
@@ -128,17 +169,17 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         super().__init__(*args, **kwargs)
         self._plan_keys: dict[str, tuple] = {}
         self._plans: dict[str, TokenPlan] = {}
-        self._nonzero: dict[int, tuple[int, list[bool]]] = {}
+        self._ranks: dict[int, tuple[tuple[int, int], list[int]]] = {}
         self._weights: dict[int, tuple[tuple, SliceWeights]] = {}
 
-    def _weights_for(self, lora_a: tuple, lora_b: tuple, used: list[bool], slots: list[int]) -> SliceWeights:
+    def _weights_for(self, lora_a: tuple, lora_b: tuple, ranks: list[int], slots: list[int]) -> SliceWeights:
         """`slice_weights`, kept per module until an adapter is loaded into or cleared from its slots (an in-place
         write, which bumps the tensors' version counters) or the slots in use change: without it every layer would
         convert and transpose the same weights again at every step."""
-        key = (tuple(slots), tuple(used), tuple(t._version for t in lora_a), tuple(t._version for t in lora_b))
+        key = (tuple(slots), tuple(ranks), tuple(t._version for t in lora_a), tuple(t._version for t in lora_b))
         cached = self._weights.get(id(lora_a[0]))
         if cached is None or cached[0] != key:
-            cached = (key, slice_weights(lora_a, lora_b, used, slots))
+            cached = (key, slice_weights(lora_a, lora_b, ranks, slots))
             self._weights[id(lora_a[0])] = cached
         return cached[1]
 
@@ -150,13 +191,14 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             self._plans[name] = plan_tokens(indices)
         return self._plans[name]
 
-    def _slice_used(self, lora_b: torch.Tensor, slots: list[int]) -> bool:
-        """False when every slot in use holds zeros there (a module the adapters do not target, e.g. lm_head)."""
-        cached = self._nonzero.get(id(lora_b))
-        if cached is None or cached[0] != lora_b._version:
-            cached = (lora_b._version, lora_b.flatten(1).any(1).tolist())
-            self._nonzero[id(lora_b)] = cached
-        return any(cached[1][slot] for slot in slots)
+    def _slot_ranks(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> list[int]:
+        """`slot_ranks`, kept until an adapter is loaded into or cleared from a slot."""
+        key = (lora_a._version, lora_b._version)
+        cached = self._ranks.get(id(lora_a))
+        if cached is None or cached[0] != key:
+            cached = (key, slot_ranks(lora_a, lora_b))
+            self._ranks[id(lora_a)] = cached
+        return cached[1]
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
         plan = self._plan("tokens", self.token_lora_indices)
@@ -168,7 +210,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             scale,
             output_slices,
             plan,
-            self._slice_used,
+            self._slot_ranks,
             self._weights_for,
         )
 
@@ -183,7 +225,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             scale,
             (y2.shape[1],),
             plan,
-            self._slice_used,
+            self._slot_ranks,
             self._weights_for,
         )
 

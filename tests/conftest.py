@@ -172,3 +172,11 @@ def votes_url(request, tmp_path):
     ) as connection:
         connection.execute(f"CREATE DATABASE {database}")
     return f"{server}/{database}"
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` runs: it exists and is not a zombie (a container's init may never reap one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, make_adapter, run_loraflow, write_tiny_llama
+from tests.conftest import REPO, make_adapter, process_running, run_loraflow, write_tiny_llama
 
 API_KEY = "fleet-key"
 PROMPT = "Tell me about the sea"
@@ -77,17 +77,9 @@ def fleet(setup):
     running["pids"] |= {replica["vllm_pid"] for replica in fleet_status(running["url"], API_KEY)["replicas"]}
     process.send_signal(signal.SIGTERM)  # what a process manager sends; the CLI removes the fleet and exits cleanly
     assert process.wait(120) == 0
-    left = [pid for pid in running["pids"] if _alive(pid)]
+    left = [pid for pid in running["pids"] if process_running(pid)]
     assert not left, f"vLLM processes outlived the fleet: {left}"
     assert not list((setup["registry"].path.parent / ".loraflow-fleets").glob("*.json")), "the fleet record remains"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -336,13 +328,25 @@ def test_a_replica_whose_vllm_is_killed_is_replaced_and_requests_keep_succeeding
     in_flight = [error for started, error in traffic.failures if started < killed]
     after_kill = [error for started, error in traffic.failures if started >= killed]
     assert after_kill == [], f"requests sent after the kill failed: {after_kill}"
-    assert not _alive(victim["vllm_pid"])
+    assert not process_running(victim["vllm_pid"])
     print(
         f"\nkill -9 of replica {victim['replica']}'s vLLM under load: {len(in_flight)} in-flight request(s) failed "
         f"({', '.join(type(error).__name__ for error in in_flight) or 'none'}), "
         f"{sum(start >= killed for start, *_ in traffic.answers)} sent after it succeeded; "
         f"replaced in {recovered - killed:.0f} s"
     )
+
+
+def test_a_replica_killed_outright_takes_its_vllm_with_it(fleet):
+    """kill -9 of a replica's own process (what Ray does to a replica that does not stop in time): its vLLM, which
+    runs in a session of its own, ends with it instead of keeping its memory and port until the fleet stops."""
+    replica = status(fleet)["replicas"][0]
+    fleet["pids"].add(replica["vllm_pid"])
+    os.kill(replica["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while process_running(replica["vllm_pid"]):
+        assert time.monotonic() < deadline, f"vLLM {replica['vllm_pid']} outlived its replica {replica['pid']}"
+        time.sleep(0.2)  # the interval between two looks
 
 
 def test_wait_until_fleet_serves_names_what_lags_behind():

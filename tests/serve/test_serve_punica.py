@@ -6,7 +6,7 @@ import pytest
 import torch
 from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
 
-from loraflow.serve.punica_cpu import GroupedPunicaWrapperCPU, add_grouped_lora, plan_tokens
+from loraflow.serve.punica_cpu import GroupedPunicaWrapperCPU, add_grouped_lora, plan_tokens, slice_weights, slot_ranks
 
 
 def reference(y, x, lora_a, lora_b, scale, output_slices, indices):
@@ -100,3 +100,49 @@ def test_cached_weights_follow_an_adapter_loaded_into_a_slot():
     expected = reference(torch.zeros(5, sum(output_slices)), x, lora_a, lora_b, 1.0, output_slices, indices)
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-3)
     assert not torch.allclose(second[:, 32:], first[:, 32:])
+
+
+def load(stacked_a, stacked_b, slot, rank, targets, generator):
+    """What vLLM does when it loads an adapter of `rank` into `slot`: A into the first `rank` rows, B into the
+    first `rank` columns, zeros elsewhere; slices the adapter does not target stay zero."""
+    for a, b, targeted in zip(stacked_a, stacked_b, targets):
+        a[slot].zero_()
+        b[slot].zero_()
+        if targeted:
+            a[slot, 0, :rank] = torch.randn(rank, a.shape[-1], generator=generator)
+            b[slot, 0, :, :rank] = torch.randn(b.shape[-2], rank, generator=generator)
+
+
+def test_adapters_of_several_ranks_and_targets_are_computed_at_their_own_rank():
+    """Slots of rank 4 and 16 on a server sized for rank 32, and one adapter that leaves the second slice alone:
+    the grouped path cuts the products to the largest rank in use and leaves out slots that do not target a
+    module, and the answer is vLLM's."""
+    generator = torch.Generator().manual_seed(4)
+    slots, max_rank, hidden, output_slices = 4, 32, 48, (48, 16)
+    lora_a = tuple(torch.zeros(slots, 1, max_rank, hidden) for _ in output_slices)
+    lora_b = tuple(torch.zeros(slots, 1, size, max_rank) for size in output_slices)
+    load(lora_a, lora_b, 0, 4, (True, True), generator)
+    load(lora_a, lora_b, 1, 16, (True, False), generator)
+    load(lora_a, lora_b, 3, 4, (False, True), generator)
+    assert [slot_ranks(a, b) for a, b in zip(lora_a, lora_b)] == [[4, 16, 0, 0], [4, 0, 0, 4]]
+
+    seen = []
+
+    def weights_for(a, b, ranks, in_use):
+        seen.append((ranks, in_use))
+        return slice_weights(a, b, ranks, in_use)
+
+    x, y = torch.randn(7, hidden), torch.randn(7, sum(output_slices))
+    indices = torch.tensor([1, 0, -1, 3, 1, 0, 1])
+    expected = reference(y, x, lora_a, lora_b, 0.5, output_slices, indices)
+    add_grouped_lora(y, x, lora_a, lora_b, 0.5, output_slices, plan_tokens(indices), weights_for=weights_for)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-3)
+    assert seen == [([16, 4], [0, 1, 3])]
+
+    only_first = (lora_a[0],), (lora_b[0],)  # a module that slot 3's adapter does not target
+    seen.clear()
+    y, indices = torch.randn(7, 48), torch.tensor([3, 0, 3, 3, 1, 0, 3])
+    expected = reference(y, x, *only_first, 0.5, (48,), indices)
+    add_grouped_lora(y, x, *only_first, 0.5, (48,), plan_tokens(indices), weights_for=weights_for)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-3)
+    assert seen == [([16], [0, 1])]
