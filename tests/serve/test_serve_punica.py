@@ -146,3 +146,19 @@ def test_adapters_of_several_ranks_and_targets_are_computed_at_their_own_rank():
     add_grouped_lora(y, x, *only_first, 0.5, (48,), plan_tokens(indices), weights_for=weights_for)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-3)
     assert seen == [([16], [0, 1])]
+
+
+def test_the_wrapper_finds_the_rank_again_only_for_a_slot_that_got_another_adapter():
+    generator = torch.Generator().manual_seed(5)
+    wrapper = GroupedPunicaWrapperCPU.__new__(GroupedPunicaWrapperCPU)  # only its rank cache is exercised
+    wrapper._ranks, wrapper._slot_ids = {}, [11, 12, None]
+    lora_a, lora_b = (torch.zeros(3, 1, 16, 24),), (torch.zeros(3, 1, 24, 16),)
+    load(lora_a, lora_b, 0, 4, (True,), generator)
+    load(lora_a, lora_b, 1, 8, (True,), generator)
+    assert wrapper._slot_ranks(lora_a[0], lora_b[0]) == [4, 8, 0]
+    load(lora_a, lora_b, 2, 16, (True,), generator)
+    wrapper._slot_ids = [11, 12, 13]  # vLLM activated adapter 13 in slot 2
+    assert wrapper._slot_ranks(lora_a[0], lora_b[0]) == [4, 8, 16]
+    load(lora_a, lora_b, 0, 2, (True,), generator)
+    wrapper._slot_ids = [14, 12, 13]
+    assert wrapper._slot_ranks(lora_a[0], lora_b[0]) == [2, 8, 16]
