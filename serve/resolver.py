@@ -104,6 +104,8 @@ class RegistryLoRAResolver(LoRAResolver):
                 check_servable, version, folder, self.view.store, self.base_fingerprint, self.max_rank
             )
         except LoraflowError as error:
+            if self.view.snapshot().find(version.ref) is None:
+                return None  # removed while it was being checked: a 404, which the fleet's ingress sends again
             self.refusals[lora_name] = str(error)
             return None
         self.refusals.pop(lora_name, None)

@@ -160,6 +160,28 @@ def test_a_version_whose_folder_was_deleted_is_resolved_again(tmp_path, monkeypa
     assert again.lora_int_id != first.lora_int_id and (view.store / "a0@1").is_dir()
 
 
+def test_a_version_removed_while_it_was_checked_is_unknown_not_refused(tmp_path, monkeypatch):
+    """The registry drops a version, then deletes its folder: a resolver that read the registry just before finds
+    the files gone. If the registry no longer lists the version, vLLM answers 404 (which the fleet's ingress sends
+    again for the version NAME means now); if it still lists it, the files went missing and the refusal says so."""
+    view = View(tmp_path / "store", ["a0@1", "a0@2"])
+    finder = resolver.RegistryLoRAResolver(view, None, None)
+
+    def files_gone(version, *args):
+        view.current = Snapshot(["a0@2"])  # removed meanwhile
+        raise LoraflowError(f"{version.ref}: missing; the registry recorded it at publish time.")
+
+    monkeypatch.setattr(resolver, "check_servable", files_gone)
+    assert asyncio.run(finder.resolve_lora("base", "a0@1")) is None and finder.refusals == {}
+
+    def files_missing(version, *args):
+        raise LoraflowError(f"{version.ref}: missing; the registry recorded it at publish time.")
+
+    monkeypatch.setattr(resolver, "check_servable", files_missing)
+    assert asyncio.run(finder.resolve_lora("base", "a0@2")) is None
+    assert "missing" in finder.refusals["a0@2"]
+
+
 def cached_version(cache: Path, name: str, commit: str, files: dict[str, bytes], age_s: float) -> Path:
     """A version folder as huggingface_hub's snapshot_download leaves it: links into the repo's blobs."""
     repo = cache / f"models--loraflow--{name}"
