@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,19 @@ def process_running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def start_and_read_until(command: list[str], marker: str, timeout_s: float, **popen) -> tuple[subprocess.Popen, str]:
+    """Start `command` with its output piped, and read it up to the first line holding `marker` (all of it, if the
+    process exits first; a process that prints neither within `timeout_s` is killed). Its output is drained after."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    watchdog = threading.Timer(timeout_s, process.kill)
+    watchdog.start()
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line:
+            break
+    watchdog.cancel()
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return process, "".join(lines)

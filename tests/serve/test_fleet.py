@@ -17,7 +17,14 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, make_adapter, process_running, run_loraflow, write_tiny_llama
+from tests.conftest import (
+    REPO,
+    make_adapter,
+    process_running,
+    run_loraflow,
+    start_and_read_until,
+    write_tiny_llama,
+)
 
 API_KEY = "fleet-key"
 PROMPT = "Tell me about the sea"
@@ -51,26 +58,11 @@ def fleet(setup):
     command += ["--base", str(setup["base"].path), "--port", str(port), "--api-key", API_KEY]
     command += ["--max-model-len", "256", "--replicas", "2"]
     began = time.monotonic()
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "200"},
+    process, output = start_and_read_until(
+        command, "adapters:", START_TIMEOUT_S, cwd=REPO, env={**os.environ, "COLUMNS": "200"}
     )
-    watchdog = threading.Timer(START_TIMEOUT_S, process.kill)  # a fleet that never gets ready fails the module
-    watchdog.start()
-    lines = []
-    for line in process.stdout:  # returns when the fleet prints its adapters, or exits
-        lines.append(line)
-        if line.strip().startswith("adapters:"):
-            break
-    watchdog.cancel()
-    output = "".join(lines)
     url = re.search(r"serving (http://\S+)/v1", output)
     assert url, f"`loraflow serve --replicas 2` did not start:\n{output}"
-    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining its output
     print(f"\nfleet of 2 ready in {time.monotonic() - began:.0f} s")
     running = {"url": url.group(1), "output": output, "pids": set()}
     yield running

@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.conftest import REPO, make_adapter, write_tiny_llama
+from tests.conftest import REPO, make_adapter, start_and_read_until, write_tiny_llama
 
 RAY = Path(sys.executable).with_name("ray")
 START_TIMEOUT_S = 600
@@ -29,20 +28,6 @@ START_TIMEOUT_S = 600
 def ray_status(address: str, auth: dict) -> subprocess.CompletedProcess:
     command = [str(RAY), "status", "--address", address]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **auth})
-
-
-def read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> str:
-    """The process's output up to the first line holding `marker` (or all of it, if it exits first)."""
-    watchdog = threading.Timer(timeout_s, process.kill)
-    watchdog.start()
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if marker in line:
-            break
-    watchdog.cancel()
-    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining its output
-    return "".join(lines)
 
 
 @pytest.fixture
@@ -56,15 +41,9 @@ def cluster():
     temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths live under it
     command = [str(RAY), "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=2", "--block"]
     command += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, **auth},
+    process, output = start_and_read_until(
+        command, "Ray runtime started", START_TIMEOUT_S, start_new_session=True, env={**os.environ, **auth}
     )
-    output = read_until(process, "Ray runtime started", START_TIMEOUT_S)
     assert "Ray runtime started" in output, f"`ray start --head` did not start:\n{output}"
     yield address, auth
     os.killpg(process.pid, signal.SIGTERM)
@@ -77,10 +56,11 @@ def cluster():
 
 
 def test_the_fleet_joins_a_cluster_started_with_ray_start(cluster, smollm2, tmp_path):
-    address, auth = cluster
     from loraflow.hub.registry import Registry
     from loraflow.serve.fleet_ack import fleet_status
     from loraflow.serve.launcher import free_port
+
+    address, auth = cluster
 
     base = write_tiny_llama(smollm2, tmp_path / "tiny-base", seed=0)
     registry = Registry(tmp_path / "registry" / "registry.json")
@@ -95,15 +75,9 @@ def test_the_fleet_joins_a_cluster_started_with_ray_start(cluster, smollm2, tmp_
     assert refused.returncode == 2
     assert "RAY_AUTH_MODE=token" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
 
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env={**environment, **auth, "COLUMNS": "200"},
+    process, output = start_and_read_until(
+        command, "adapters:", START_TIMEOUT_S, cwd=REPO, env={**environment, **auth, "COLUMNS": "200"}
     )
-    output = read_until(process, "adapters:", START_TIMEOUT_S)
     url = re.search(r"serving (http://\S+)/v1", output)
     assert url, f"`loraflow serve --ray-address` did not start:\n{output}"
     assert f"the Ray cluster at {address}" in output
