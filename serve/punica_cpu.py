@@ -29,7 +29,7 @@ class TokenPlan:
     slots: list[int]
     single: bool = False  # every token uses slots[0]: no gather, no scatter
     gather: torch.Tensor | None = None  # [groups * longest] token rows, each group's first, padded with row 0
-    valid: torch.Tensor | None = None  # which padded rows are real tokens
+    valid: torch.Tensor | None = None  # the positions of the real tokens among the padded rows
     dest: torch.Tensor | None = None  # the token row each real padded row adds to
     longest: int = 0
     real: torch.Tensor | None = None  # [groups, longest]: which padded rows are real tokens
