@@ -45,12 +45,23 @@ class TokenPlan:
             real = self.real[groups]
             longest = int(real.sum(1).max())
             real = real[:, :longest]  # each group's rows come first
-            gather = self.gather.view(len(self.slots), self.longest)[groups, :longest].flatten()
-            flat = real.flatten()
-            self.subsets[key] = TokenPlan(
-                slots, gather=gather, valid=flat.nonzero().flatten(), dest=gather[flat], longest=longest, real=real
-            )
+            gather = self.gather.view(len(self.slots), self.longest)[groups, :longest]
+            self.subsets[key] = TokenPlan.of_groups(slots, gather, real)
         return self.subsets[key]
+
+    @classmethod
+    def of_groups(cls, slots: list[int], gather: torch.Tensor, real: torch.Tensor) -> "TokenPlan":
+        """The plan for tokens grouped by slot: `gather` [groups, longest] holds each group's token rows first,
+        padded; `real` marks the rows that are tokens."""
+        flat_gather, flat_real = gather.flatten(), real.flatten()
+        return cls(
+            slots,
+            gather=flat_gather,
+            valid=flat_real.nonzero().flatten(),
+            dest=flat_gather[flat_real],
+            longest=gather.shape[1],
+            real=real,
+        )
 
 
 def plan_tokens(indices: torch.Tensor) -> TokenPlan:
@@ -67,15 +78,7 @@ def plan_tokens(indices: torch.Tensor) -> TokenPlan:
     for group, rows in enumerate(members):
         gather[group, : len(rows)] = rows
         real[group, : len(rows)] = True
-    flat_gather, flat_real = gather.flatten(), real.flatten()
-    return TokenPlan(
-        slots,
-        gather=flat_gather,
-        valid=flat_real.nonzero().flatten(),
-        dest=flat_gather[flat_real],
-        longest=longest,
-        real=real,
-    )
+    return TokenPlan.of_groups(slots, gather, real)
 
 
 def slot_ranks(lora_a: torch.Tensor, lora_b: torch.Tensor) -> list[int]:
