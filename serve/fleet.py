@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ APP_NAME = "loraflow"
 # Each replica's Ray actor only forwards HTTP; vLLM's own processes use the cores outside Ray's accounting, so the
 # actors ask for little and two replicas and the ingress fit on a 2-core machine.
 REPLICA_CPUS = 0.1
+# How long --ray-address's HOST:PORT has to accept a connection before `loraflow serve` says nothing answers there.
+CLUSTER_PROBE_S = 5
 
 
 @dataclass
@@ -170,6 +173,15 @@ def join_cluster(address: str) -> None:
     """Connect to the Ray cluster at `address`, or say what to check."""
     import ray
 
+    host, _, port = address.rpartition(":")
+    if "://" not in address and address != "auto":  # HOST:PORT; Ray itself would retry a dead one for minutes
+        try:
+            socket.create_connection((host, int(port)), timeout=CLUSTER_PROBE_S).close()
+        except (OSError, ValueError):
+            raise LoraflowError(
+                f"--ray-address {address}: nothing answers there. Start the cluster's head with `ray start --head "
+                "--port PORT` and give its HOST:PORT (the address `ray start` prints)."
+            ) from None
     try:
         ray.init(address=address, log_to_driver=False)
     except ConnectionError as error:

@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import REPO, make_adapter, start_and_read_until, write_tiny_llama
+from tests.conftest import REPO, make_adapter, run_loraflow, start_and_read_until, write_tiny_llama
 
 RAY = Path(sys.executable).with_name("ray")
 START_TIMEOUT_S = 600
@@ -93,3 +93,14 @@ def test_the_fleet_joins_a_cluster_started_with_ray_start(cluster, smollm2, tmp_
     with pytest.raises(ProcessLookupError):
         os.kill(replica["vllm_pid"], 0)  # the replica's vLLM went with the fleet
     assert ray_status(address, auth).returncode == 0, "the cluster the fleet joined is still running"
+
+
+def test_an_address_where_nothing_answers_is_a_one_line_error(smollm2, tmp_path):
+    from loraflow.serve.launcher import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    result = run_loraflow(
+        "--registry", str(tmp_path / "registry.json"), "serve", "--replicas", "1", "--ray-address", address, check=False
+    )
+    assert result.returncode == 2
+    assert f"--ray-address {address}: nothing answers there" in result.stderr and "Traceback" not in result.stderr
