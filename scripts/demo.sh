@@ -40,10 +40,15 @@ step "6. 100 arena rounds; a simulated voter (answers opening with 'Arr' win) vo
   loraflow votes simulate pirate --rounds 100 --max-tokens 32
 step "7. The loop: DPO trains pirate@2 from pirate@1 on those votes and publishes it as a candidate" \
   loraflow loop pirate --once --votes-needed 10
-step "8. More rounds: the arena pairs the candidate with its parent until the gate can decide" \
-  loraflow votes simulate pirate --rounds 40 --max-tokens 32 --seed 1
-step "9. The gate: promote pirate@2 once its win probability over pirate@1 is above 0.5 with 95% confidence" \
-  loraflow loop pirate --once
+# The gate decides when its 95% interval leaves 0.5, which takes more votes when answers are close: play rounds in
+# batches of 40 until it does (at most --gate-max-votes head-to-head votes, 100 by default, in any case).
+for batch in 1 2 3 4 5 6; do
+  step "8. More rounds: the arena pairs the candidate with its parent until the gate can decide" \
+    loraflow votes simulate pirate --rounds 40 --max-tokens 32 --seed "$batch"
+  step "9. The gate: promote pirate@2 once its win probability over pirate@1 is above 0.5 with 95% confidence" \
+    loraflow loop pirate --once | tee "$DEMO/gate.log"
+  grep -q "^\[wait\]" "$DEMO/gate.log" || break
+done
 printf '\n\033[1m== 10. Hot-swap: the running server now answers "pirate" with the new version, no restart\033[0m\n'
 ask pirate "What is the capital of Italy?"
 step "11. Leaderboard" loraflow votes leaderboard pirate
