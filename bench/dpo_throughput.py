@@ -62,7 +62,7 @@ def run_trl(base, records: list[dict], steps: int, folder: Path, ours: bool) -> 
     from trl import DPOConfig, DPOTrainer
 
     from loraflow.hub.devices import on_gpu
-    from loraflow.plugins.common import compute_dtype, lora_config, preference_to_conversation, trainer_arguments
+    from loraflow.plugins.common import load_causal_lm, lora_config, preference_to_conversation, trainer_arguments
 
     job = loraflow_job(base, records, steps, folder)
     if ours:
@@ -75,8 +75,8 @@ def run_trl(base, records: list[dict], steps: int, folder: Path, ours: bool) -> 
     args = DPOConfig(**arguments)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     trainer = DPOTrainer(
-        # TRL's defaults row loads the model as a plain call does; ours as the plugin does (fp32 on such a CPU).
-        model=AutoModelForCausalLM.from_pretrained(base.path, **({"dtype": compute_dtype()} if ours else {})),
+        # TRL's defaults row loads the model as a plain call does; ours as the plugin does.
+        model=load_causal_lm(job) if ours else AutoModelForCausalLM.from_pretrained(base.path),
         args=args,
         train_dataset=Dataset.from_list(preference_to_conversation(records)),
         processing_class=tokenizer,

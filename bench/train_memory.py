@@ -3,10 +3,10 @@
 .venv/bin/python bench/train_memory.py [--steps 6] [--base smollm2-135m]
 
 Inside each child, around the trainer's `load_model`: RSS before loading (torch, transformers, TRL, the tokenizer and
-the data already in), RSS after loading (their difference is the model-attributable load), the peak while loading, the
-training peak (the high-water mark from the end of loading to the end of training; "peak-before" is that less the RSS
-before loading) and the whole-process peak. The high-water mark is reset before and after loading through
-/proc/self/clear_refs (Linux), so load transients and the training peak show separately.
+the data already in), RSS after loading and reading every weight once (their difference is the model-attributable load),
+the peak while loading, the training peak (the high-water mark from the end of loading to the end of training; "peak-
+before" is that less the RSS before loading) and the whole-process peak. The high-water mark is reset before and after
+loading through /proc/self/clear_refs (Linux), so load transients and the training peak show separately.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ METHODS = ("lora", "qlora")
 
 CHILD = """
 import gc, json, sys
+import torch
 sys.path.insert(0, {repo!r})
 from loraflow.hub.plugins import get_plugins
 from loraflow.hub.registry import Registry
@@ -53,6 +54,11 @@ def measured_load_model(self, job):
     memory["preload_peak"] = status_mib("VmHWM")
     reset_peak()
     model = original_load_model(self, job)
+    # Read every weight once: a checkpoint loaded in its own dtype (lora's frozen bf16 base) stays a mapping of the
+    # file until first used, and RSS counts it only then, in the training peak.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.float().sum() if parameter.is_floating_point() else parameter.sum()
     gc.collect()
     memory["loaded"] = status_mib("VmRSS")
     memory["load_peak"] = status_mib("VmHWM")

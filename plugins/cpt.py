@@ -24,6 +24,7 @@ from loraflow.plugins.common import (
     lora_config,
     quiet,
     save_adapter,
+    sft_loss_type,
     trainer_arguments,
 )
 
@@ -104,6 +105,7 @@ class CptTrainer:
             "eval_strategy": "epoch" if eval_blocks is not None else "no",
             "max_length": job.config.block_size,
             "packing": False,  # the blocks are packed already, so the held-out split is a split of blocks
+            "loss_type": sft_loss_type(),
         }
         trainer = quiet(
             SFTTrainer(

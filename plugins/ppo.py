@@ -205,6 +205,12 @@ def mean_reward(policy, reward_model, tokenizer, prompts: list[str], response_le
     return reward_model(**batch).logits.squeeze(-1).float().mean().item()
 
 
+def load_ppo_base(job: TrainJob):
+    """PPO's policy and reference in compute_dtype(), not frozen in bf16: the reference merges the parent into its
+    weights, and a bf16 merge would put rounding error into the KL penalty from the first rollout on."""
+    return load_causal_lm(job, dtype=compute_dtype())
+
+
 def reference_model(job: TrainJob):
     """The frozen KL reference: the parent merged into a copy of the base, or None (the base: the policy with its
     adapter disabled), or a frozen copy of the base when distributed.
@@ -214,9 +220,9 @@ def reference_model(job: TrainJob):
     from accelerate import PartialState
 
     if job.parent_dir:
-        reference = load_parent_adapter(job, load_causal_lm(job), is_trainable=False).merge_and_unload()
+        reference = load_parent_adapter(job, load_ppo_base(job), is_trainable=False).merge_and_unload()
     elif PartialState().num_processes > 1:
-        reference = load_causal_lm(job)
+        reference = load_ppo_base(job)
     else:
         return None
     return reference.eval().requires_grad_(False)
@@ -262,7 +268,7 @@ class PpoTrainer:
             extra_artifacts.append(reward_artifact(job, reward_folder, reward_metrics))
         held_out_records = job.eval_records or job.train_records[: config.per_device_train_batch_size]
         held_out = [record["prompt"] for record in held_out_records]
-        policy = load_causal_lm(job)
+        policy = load_ppo_base(job)
         if job.parent_dir:
             # No peft_config: PPOTrainer trains the parent's adapter itself; the reference is a frozen copy of it.
             policy, peft_config = load_parent_adapter(job, policy), None

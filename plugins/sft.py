@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING
 from loraflow.hub.errors import LoraflowError
 from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
-from loraflow.plugins.common import final_metrics, load_causal_lm, load_tokenizer, no_grad, save_adapter, sft_trainer
+from loraflow.plugins.common import (
+    compute_dtype,
+    final_metrics,
+    load_causal_lm,
+    load_tokenizer,
+    no_grad,
+    save_adapter,
+    sft_trainer,
+)
 
 if TYPE_CHECKING:  # torch loads inside the functions that use it
     import torch
@@ -115,20 +123,24 @@ class SftTrainer:
     config_class = SftTrainingConfig
     data_format = "messages"
 
+    def load_model(self, job: TrainJob):
+        """Every weight trains, so the base loads in compute_dtype() (fp32 on the CPU), not frozen in bf16."""
+        return load_causal_lm(job, dtype=compute_dtype())
+
     def train(self, job: TrainJob) -> TrainResult:
         if job.parent_dir:
             raise LoraflowError(
                 "sft fine-tunes the full base model and cannot continue an adapter; use lora or dpo with --parent"
             )
         tokenizer = load_tokenizer(job)
-        trainer = sft_trainer(job, load_causal_lm(job), tokenizer)
+        trainer = sft_trainer(job, self.load_model(job), tokenizer)
         trainer.train()
         metrics = final_metrics(trainer, job)
         full_dir = job.output_dir / "full"
         trainer.save_model(str(full_dir))
         tokenizer.save_pretrained(full_dir)
         rank, targets = job.config.extract_rank, job.config.lora_target_modules
-        peft_model, error = extract_lora(trainer.model, load_causal_lm(job), rank, targets)
+        peft_model, error = extract_lora(trainer.model, self.load_model(job), rank, targets)
         metrics["extract_rank"] = job.config.extract_rank
         metrics["extract_relative_error"] = error
         if job.eval_records:

@@ -99,6 +99,26 @@ def test_sft_records_extraction_error_and_both_eval_losses(tiny_base, registry):
     assert (next(iter(registry.path.parent.glob("adapters/*/v1")))).is_dir()
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_frozen_base_loads_in_the_training_dtype_and_what_trains_stays_fp32(bf16, tiny_base, tmp_path):
+    """LoRA's frozen base in bf16 when training runs in bf16 (no per-step weight casts); the adapter in fp32 for
+    the optimizer. sft updates every weight, so its base stays fp32 on the CPU whatever bf16 says."""
+    import torch
+    from peft import get_peft_model
+
+    from loraflow.hub.training import TrainJob
+    from loraflow.plugins.common import lora_config
+    from loraflow.plugins.lora import LoraTrainer, LoraTrainingConfig
+    from loraflow.plugins.sft import SftTrainer, SftTrainingConfig
+
+    lora_job = TrainJob(tiny_base, LoraTrainingConfig(bf16=bf16), "t", [], [], tmp_path)
+    model = get_peft_model(LoraTrainer().load_model(lora_job), lora_config(lora_job.config))
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16 if bf16 else torch.float32}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    sft_job = TrainJob(tiny_base, SftTrainingConfig(bf16=bf16), "t", [], [], tmp_path)
+    assert {p.dtype for p in SftTrainer().load_model(sft_job).parameters()} == {torch.float32}
+
+
 def test_low_rank_factors_recover_a_low_rank_delta():
     import torch
 
