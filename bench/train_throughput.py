@@ -2,8 +2,9 @@
 
 Same base model, same data (data/pirate/train.jsonl), same number of optimizer steps. Each side keeps its own
 defaults, which is what a user gets with no flags:
-- loraflow: batch 4, lr 2e-4 cosine, LoRA r=8 on q/k/v/o, bf16 mixed precision where bf16 is native (a bf16 GPU, a
-  CPU with AVX512-BF16 or AMX) and fp32 elsewhere, no gradient checkpointing;
+- loraflow: batch 4, lr 2e-4 cosine, LoRA r=8 on q/k/v/o without dropout, bf16 mixed precision with the frozen base
+  in bf16 where bf16 is native (a bf16 GPU, a CPU with AVX512-BF16 or AMX) and fp32 elsewhere, no gradient
+  checkpointing; on the CPU eager attention and TRL's plain nll loss;
 - plain TRL 1.12: batch 8, lr 2e-5 linear, PEFT's default LoRA (r=8 on q/v), bf16, gradient checkpointing. Its only
   settings here are the step count, `use_cpu` (without it TRL refuses to start on a machine with no GPU) and no
   checkpoint saving or reporting.
