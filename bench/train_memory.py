@@ -58,7 +58,7 @@ def measured_load_model(self, job):
     # file until first used, and RSS counts it only then, in the training peak.
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.float().sum() if parameter.is_floating_point() else parameter.sum()
+            parameter.sum()
     gc.collect()
     memory["loaded"] = status_mib("VmRSS")
     memory["load_peak"] = status_mib("VmHWM")

@@ -173,8 +173,8 @@ def join_cluster(address: str) -> None:
     """Connect to the Ray cluster at `address`, or say what to check."""
     import ray
 
-    host, _, port = address.rpartition(":")
     if "://" not in address and address != "auto":  # HOST:PORT; Ray itself would retry a dead one for minutes
+        host, _, port = address.rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=CLUSTER_PROBE_S).close()
         except (OSError, ValueError):
