@@ -109,6 +109,42 @@ def trainer_arguments(job: TrainJob) -> dict:
     )
 
 
+def passes_over_data(job: TrainJob) -> float:
+    """How many times training reads each example: num_train_epochs, or what max_steps' batches add up to."""
+    config = job.config
+    if config.max_steps > 0:
+        examples = config.max_steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
+        return examples / max(len(job.train_records), 1)
+    return config.num_train_epochs
+
+
+def with_precise_reference(trainer_class):
+    """TRL's DPOTrainer or KTOTrainer, computing the reference log-probs it precomputes in the precision its steps run
+    in. The reference is frozen, so a trainer that reads each example more than once (the loop's three passes)
+    precomputes them once before training (precompute_ref_log_probs=passes_over_data(job) > 1) instead of running a
+    reference forward in every step."""
+
+    class PreciseReference(trainer_class):
+        # The steps run under autocast and read fp32 logits (Accelerate wraps the model's forward so), but TRL
+        # precomputes before that wrapping, so with a bf16 base its log-softmax ran on bf16 logits. The precomputed
+        # reference then differed from the policy's own log-probs by rounding: a DPO margin of 0.003 (SmolLM2) to
+        # 0.016 (the test model) before any step, where it must be 0.
+        def compute_ref_log_probs(self, model, inputs):
+            def logits_in_fp32(module, args, output):
+                output.logits = output.logits.float()
+                return output
+
+            hook = model.register_forward_hook(logits_in_fp32)
+            try:
+                with self.accelerator.autocast():
+                    return super().compute_ref_log_probs(model, inputs)
+            finally:
+                hook.remove()
+
+    PreciseReference.__name__ = PreciseReference.__qualname__ = f"Precise{trainer_class.__name__}"
+    return PreciseReference
+
+
 def quiet(trainer):
     """Our progress bar replaces the Trainer's printed log dicts."""
     from transformers.trainer_callback import PrinterCallback

@@ -14,11 +14,13 @@ from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
     load_tokenizer,
+    passes_over_data,
     policy_model,
     preference_to_conversation,
     quiet,
     train_and_evaluate,
     trainer_arguments,
+    with_precise_reference,
 )
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down")
@@ -84,7 +86,7 @@ class DpoTrainer:
         model, peft_config = policy_model(job)
         eval_dataset = Dataset.from_list(preference_to_conversation(job.eval_records)) if job.eval_records else None
         trainer = quiet(
-            DPOTrainer(
+            with_precise_reference(DPOTrainer)(
                 model=model,
                 args=DPOConfig(
                     **trainer_arguments(job),
@@ -92,6 +94,7 @@ class DpoTrainer:
                     beta=job.config.beta,
                     loss_type=[job.config.loss_type],
                     use_weighting=job.config.use_weighting,
+                    precompute_ref_log_probs=passes_over_data(job) > 1,  # see with_precise_reference
                 ),
                 train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
                 eval_dataset=eval_dataset,

@@ -20,11 +20,13 @@ from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
     load_tokenizer,
+    passes_over_data,
     policy_model,
     quiet,
     train_and_evaluate,
     trainer_arguments,
     unpaired_to_conversation,
+    with_precise_reference,
 )
 
 
@@ -117,7 +119,7 @@ class KtoTrainer:
         model, peft_config = policy_model(job)
         eval_dataset = Dataset.from_list(unpaired_to_conversation(job.eval_records)) if job.eval_records else None
         trainer = quiet(
-            KTOTrainer(
+            with_precise_reference(KTOTrainer)(
                 model=model,
                 args=KTOConfig(
                     **trainer_arguments(job),
@@ -125,6 +127,7 @@ class KtoTrainer:
                     beta=job.config.beta,
                     desirable_weight=job.config.desirable_weight,
                     undesirable_weight=job.config.undesirable_weight,
+                    precompute_ref_log_probs=passes_over_data(job) > 1,  # see with_precise_reference
                 ),
                 train_dataset=Dataset.from_list(unpaired_to_conversation(train_records)),
                 eval_dataset=eval_dataset,

@@ -142,6 +142,48 @@ def test_dpo_with_parent_uses_the_parent_as_reference(tiny_base, registry, tmp_p
     assert "eval_reward_accuracy" in version.metrics
 
 
+@pytest.mark.parametrize("trainer_name", ["dpo", "kto"])
+@pytest.mark.parametrize("epochs, precomputed", [(1, False), (2, True)])
+def test_the_reference_is_computed_once_when_training_reads_each_example_more_than_once(
+    trainer_name, epochs, precomputed, tiny_base, tmp_path
+):
+    from transformers import TrainerCallback
+
+    from loraflow.hub.data import load_records
+    from loraflow.hub.plugins import get_plugins
+    from loraflow.hub.training import TrainJob
+
+    class RecordArguments(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["precompute"] = args.precompute_ref_log_probs
+
+    seen = {}
+    trainer = get_plugins().trainer(trainer_name).trainer_class
+    records = load_records(training_data(trainer_name, tmp_path), trainer.data_format)[:12]
+    config = trainer.config_class(**{**TINY, "max_steps": -1, "num_train_epochs": epochs})
+    parent = make_adapter(tiny_base, tmp_path / "parent", rank=4)
+    job = TrainJob(tiny_base, config, "t", records[:8], records[8:], tmp_path / "run", parent_dir=parent,
+                   callbacks=[RecordArguments()])  # fmt: skip
+    metrics = trainer().train(job).metrics
+    assert seen["precompute"] is precomputed
+    assert metrics["train_steps"] == 4 * epochs
+    # The reference is the parent either way: before any step the policy's margin over it is zero.
+    assert abs(metrics["before_eval_reward_margin"]) < 1e-4
+    assert metrics["eval_reward_margin"] != metrics["before_eval_reward_margin"], "the policy moved"
+
+
+def test_passes_over_data_counts_epochs_or_what_max_steps_reads(tmp_path):
+    from loraflow.hub.training import TrainingConfig, TrainJob
+    from loraflow.plugins.common import passes_over_data
+
+    def passes(records: int, **settings) -> float:
+        return passes_over_data(TrainJob(None, TrainingConfig(**settings), "t", [{}] * records, [], tmp_path))
+
+    assert passes(10, num_train_epochs=3.0) == 3.0
+    assert passes(10, max_steps=5, per_device_train_batch_size=4) == 2.0  # 20 examples read out of 10
+    assert passes(40, max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2) == 0.5
+
+
 def test_ppo_publishes_a_reusable_reward_model(tiny_base, registry):
     first = train("ppo", tiny_base, registry, name="tiny-rl")
     reward = registry.get("tiny-rl-reward")
