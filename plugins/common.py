@@ -118,11 +118,17 @@ def passes_over_data(job: TrainJob) -> float:
     return config.num_train_epochs
 
 
+def precompute_reference(job: TrainJob) -> bool:
+    """TRL's precompute_ref_log_probs for DPO and KTO. The reference is frozen, so training that reads each example
+    more than once (the loop's three passes) computes its log-probs once, before training, instead of running a
+    reference forward in every step; at one pass or less, precomputing the whole dataset would cost more."""
+    return passes_over_data(job) > 1
+
+
+@functools.cache
 def with_precise_reference(trainer_class):
-    """TRL's DPOTrainer or KTOTrainer, computing the reference log-probs it precomputes in the precision its steps run
-    in. The reference is frozen, so a trainer that reads each example more than once (the loop's three passes)
-    precomputes them once before training (precompute_ref_log_probs=passes_over_data(job) > 1) instead of running a
-    reference forward in every step."""
+    """TRL's DPOTrainer or KTOTrainer, computing the reference log-probs it precomputes (precompute_reference) in the
+    precision its steps run in."""
 
     class PreciseReference(trainer_class):
         # The steps run under autocast and read fp32 logits (Accelerate wraps the model's forward so), but TRL

@@ -14,8 +14,8 @@ from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
     load_tokenizer,
-    passes_over_data,
     policy_model,
+    precompute_reference,
     preference_to_conversation,
     quiet,
     train_and_evaluate,
@@ -94,7 +94,7 @@ class DpoTrainer:
                     beta=job.config.beta,
                     loss_type=[job.config.loss_type],
                     use_weighting=job.config.use_weighting,
-                    precompute_ref_log_probs=passes_over_data(job) > 1,  # see with_precise_reference
+                    precompute_ref_log_probs=precompute_reference(job),
                 ),
                 train_dataset=Dataset.from_list(preference_to_conversation(job.train_records)),
                 eval_dataset=eval_dataset,

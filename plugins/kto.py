@@ -20,8 +20,8 @@ from loraflow.hub.hookspecs import hookimpl
 from loraflow.hub.training import TrainingConfig, TrainJob, TrainResult
 from loraflow.plugins.common import (
     load_tokenizer,
-    passes_over_data,
     policy_model,
+    precompute_reference,
     quiet,
     train_and_evaluate,
     trainer_arguments,
@@ -127,7 +127,7 @@ class KtoTrainer:
                     beta=job.config.beta,
                     desirable_weight=job.config.desirable_weight,
                     undesirable_weight=job.config.undesirable_weight,
-                    precompute_ref_log_probs=passes_over_data(job) > 1,  # see with_precise_reference
+                    precompute_ref_log_probs=precompute_reference(job),
                 ),
                 train_dataset=Dataset.from_list(unpaired_to_conversation(train_records)),
                 eval_dataset=eval_dataset,
